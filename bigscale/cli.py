@@ -1,0 +1,81 @@
+"""``bigscale train | plan | export``: the one command for a run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bigscale.errors import BigscaleError
+
+USAGE = """bigscale train [-m] [overrides...]   compose, validate, print the plan, run
+bigscale plan [overrides...]         the same plan, without training
+bigscale export RUN_DIR --out DIR    a Hugging Face model directory from a finished run
+
+Overrides are Hydra's: model=qwen2_5_0_5b strategy=zero3 trainer.max_steps=500
+-m/--multirun sweeps comma lists: bigscale train -m optim.lr=1e-4,3e-4"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    try:
+        if command == "train":
+            return _train(rest)
+        if command == "plan":
+            return _plan(rest)
+        if command == "export":
+            return _export(rest)
+    except BigscaleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _train(args: list[str]) -> int:
+    from bigscale.launch.local import launch, prepare
+    from bigscale.launch.plan import render
+    from bigscale.launch.sweep import plan_jobs
+
+    multirun = bool(args) and args[0] in ("-m", "--multirun")
+    plans = plan_jobs(args[1:] if multirun else args, multirun)
+    for plan in plans:
+        prepare(plan)
+    for i, plan in enumerate(plans):
+        header = f"job {i + 1}/{len(plans)}\n" if multirun else ""
+        print(header + render(plan, with_memory=False), flush=True)
+        code = launch(plan)
+        if code != 0:
+            print(f"error: run failed with exit code {code}; see {plan.run_dir}/train.log", file=sys.stderr)
+            return code
+    return 0
+
+
+def _plan(args: list[str]) -> int:
+    from bigscale.launch.plan import render
+    from bigscale.launch.sweep import plan_jobs
+
+    multirun = bool(args) and args[0] in ("-m", "--multirun")
+    for plan in plan_jobs(args[1:] if multirun else args, multirun):
+        print(render(plan))
+    return 0
+
+
+def _export(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bigscale export")
+    parser.add_argument("source", type=Path, help="run directory")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    ns = parser.parse_args(args)
+    from bigscale.checkpoint.export import export_run
+
+    out = export_run(ns.source, ns.out)
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Compose a run's configuration from ``conf/`` with Hydra, then turn it into typed objects.
+
+The compose API is used instead of ``@hydra.main`` so that the launcher and every rank build the
+configuration the same way, and so Hydra creates no per-process output directories: the run
+directory is bigscale's own (decided once by the launcher)."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bigscale.config.schema import TrainConfig
+from bigscale.errors import ConfigError
+
+SCHEMA_NAME = "train_schema"
+
+
+def config_dir() -> Path:
+    """``conf/`` next to the package (a source checkout), or ``$BIGSCALE_CONFIG_DIR``."""
+    env = os.environ.get("BIGSCALE_CONFIG_DIR")
+    if env:
+        return Path(env).resolve()
+    return (Path(__file__).resolve().parents[2] / "conf").resolve()
+
+
+def _register_schema() -> None:
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def compose_raw(overrides: list[str], conf_dir: Path | None = None) -> DictConfig:
+    """Hydra composition only: defaults list, group choices and overrides, checked against the
+    schema. Raises ConfigError naming the offending key."""
+    _register_schema()
+    GlobalHydra.instance().clear()
+    directory = conf_dir or config_dir()
+    if not (directory / "train.yaml").is_file():
+        raise ConfigError(
+            f"no train.yaml in config directory {directory}; set BIGSCALE_CONFIG_DIR to the "
+            "folder holding bigscale's conf/"
+        )
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(_explain(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def to_typed(cfg: DictConfig) -> TrainConfig:
+    """Resolve interpolations and build the dataclasses (missing required values fail here)."""
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc)) from None
+    assert isinstance(typed, TrainConfig)
+    return typed
+
+
+def compose_config(overrides: list[str], conf_dir: Path | None = None) -> TrainConfig:
+    return to_typed(compose_raw(overrides, conf_dir))
+
+
+def _explain(exc: BaseException) -> str:
+    """One readable message; for an unknown key, the closest valid names."""
+    text = str(exc).strip()
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text = f"{text}\n{str(cause).strip()}"
+    text = _strip_noise(text)
+    key = getattr(exc, "full_key", None) or getattr(cause, "full_key", None)
+    hint = _suggest(key) if key else ""
+    return f"invalid configuration: {text}{hint}"
+
+
+def _strip_noise(text: str) -> str:
+    """Drop OmegaConf/Hydra lines that say nothing to a user (types, search path, '+' hints:
+    appending a key the schema lacks is refused anyway)."""
+    noise = ("reference_type=", "object_type=", "To append to your config", "Config search path")
+    kept: list[str] = []
+    for line in text.splitlines():
+        if line.strip().startswith(noise[-1]):
+            break
+        if not line.strip().startswith(noise[:-1]):
+            kept.append(line)
+    return "\n".join(kept).strip()
+
+
+def _suggest(full_key: str) -> str:
+    parts = full_key.split(".")
+    node: object = OmegaConf.structured(TrainConfig)
+    for part in parts[:-1]:
+        if not isinstance(node, DictConfig) or part not in node:
+            return ""
+        node = node[part]
+    if not isinstance(node, DictConfig):
+        return ""
+    valid = [str(k) for k in node]
+    close = difflib.get_close_matches(parts[-1], valid, n=3)
+    if parts[-1] in valid:
+        return ""
+    where = ".".join(parts[:-1]) or "the top level"
+    options = f"did you mean {', '.join(close)}? " if close else ""
+    return f"\n{options}Valid keys under {where}: {', '.join(valid)}"
+
+
+def to_plain_dict(cfg: TrainConfig) -> dict:
+    """Plain, YAML/JSON-ready values (enums as strings) for config.yaml and W&B."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    from bigscale.config.redact import redact
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact(to_plain_dict(cfg))))

@@ -1,0 +1,282 @@
+"""The typed configuration schema: one dataclass per config group.
+
+Hydra composes YAML from ``conf/`` on top of these dataclasses (registered in the ConfigStore by
+``bigscale.config.compose``), so an unknown key or a value of the wrong type fails at compose time
+with the key named. Choices are ``str`` enums because OmegaConf 2.3 does not accept ``Literal``;
+being ``str`` subclasses they compare equal to their plain-string values.
+
+Cross-field rules (batch arithmetic, stage vs offload, precision vs hardware) live in
+``bigscale.config.validate``: they need facts (world size, GPUs) the schema alone does not have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 on a GPU that supports it, else fp32 (CPU)
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class ModelDType(str, Enum):
+    auto = "auto"  # follow the training precision
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class AttnImplementation(str, Enum):
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class DataFormat(str, Enum):
+    auto = "auto"  # from the file extension; a name that is not a local path is a hub dataset
+    json = "json"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    text = "text"
+    hub = "hub"
+
+
+class DataStyle(str, Enum):
+    text = "text"  # continued pre-training: loss on every token
+    prompt_response = "prompt_response"  # SFT: loss on the response only
+    chat = "chat"  # SFT on role/content messages through the tokenizer's chat template
+
+
+class Overlong(str, Enum):
+    truncate = "truncate"
+    drop = "drop"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class LoggerMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class LauncherKind(str, Enum):
+    local = "local"
+    # multinode and slurm arrive with the cluster-launch work; the seam is bigscale.launch.
+
+
+@dataclass
+class TinyModelSpec:
+    """A small Llama-shaped model and a character tokenizer, created locally when missing.
+
+    Used by the default job and the tests: there is no model hub here, and creating the files once
+    lets them load through exactly the same ``from_pretrained`` path as a real model."""
+
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads (also key/value heads)."""
+    intermediate_size: int = 384
+    """MLP width."""
+    max_position_embeddings: int = 256
+    """Longest sequence the model is built for."""
+    seed: int = 0
+    """Seed for the random initial weights."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    """Hub id (``meta-llama/Llama-3.2-1B``) or a local directory holding a Hugging Face model."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit); ignored for local directories."""
+    tokenizer_name_or_path: Optional[str] = None
+    """Tokenizer location when it differs from the model's."""
+    dtype: ModelDType = ModelDType.auto
+    """Weight dtype at load time; ``auto`` follows ``trainer.precision``."""
+    attn_implementation: AttnImplementation = AttnImplementation.sdpa
+    """Attention kernel passed to ``from_pretrained``."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust the repository."""
+    pad_token: Optional[str] = None
+    """Pad token to use when the tokenizer has none; by default the EOS token is reused."""
+    create_if_missing: Optional[TinyModelSpec] = None
+    """When set and ``name_or_path`` does not exist, build a tiny model there first."""
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    """Local file, glob or directory (json/jsonl/parquet/txt), or a hub dataset name."""
+    format: DataFormat = DataFormat.auto
+    """How to read ``path``."""
+    hub_config: Optional[str] = None
+    """Hub dataset configuration name."""
+    split: str = "train"
+    """Split to train on."""
+    validation_path: Optional[str] = None
+    """Separate validation file; when unset, ``validation_fraction`` of the data is held out."""
+    validation_fraction: float = 0.05
+    """Share of the training data held out for evaluation when there is no validation file."""
+    style: DataStyle = DataStyle.text
+    """How examples become token ids and loss masks."""
+    text_field: str = "text"
+    """Column holding raw text (style=text)."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt (style=prompt_response); no loss on these tokens."""
+    response_field: str = "response"
+    """Column holding the response (style=prompt_response)."""
+    messages_field: str = "messages"
+    """Column holding a list of {role, content} messages (style=chat)."""
+    max_length: int = 512
+    """Longest tokenized sequence."""
+    overlong: Overlong = Overlong.truncate
+    """What to do with longer sequences; both are counted and reported."""
+    packing: bool = False
+    """Concatenate examples into full ``max_length`` rows instead of padding each one."""
+    num_proc: int = 1
+    """Processes for tokenization."""
+    cache_dir: Optional[str] = None
+    """Where tokenized data is cached; default ``<run_dir>/../.tokenized`` shared by runs."""
+    generate_arithmetic: bool = False
+    """Write the built-in arithmetic task to ``path``/``validation_path``/``test_path`` if missing."""
+    test_path: Optional[str] = None
+    """Held-out prompt/answer file for the exact-match task metric (``eval.exact_match``)."""
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "ddp"
+    """Label of the preset (ddp, zero1, zero2, zero3, zero3_offload)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0 (plain data parallel), 1, 2 or 3."""
+    offload_optimizer: bool = False
+    """Keep optimizer state on the CPU and step it there (ZeRO 1-3)."""
+    offload_params: bool = False
+    """Keep parameters on the CPU between uses (ZeRO 3 only)."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with backward."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient-reduction bucket."""
+    deepspeed_config: Optional[str] = None
+    """Path to a DeepSpeed JSON merged over the generated config (escape hatch). Batch sizes,
+    precision and clipping come from the bigscale config and may not be set here."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    fused: Optional[bool] = None
+    """Fused AdamW kernel; ``null`` means use it where available (CUDA)."""
+    schedule: Schedule = Schedule.cosine
+    """Learning-rate shape after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 over this many optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro batches accumulated per optimizer step."""
+    global_batch_size: Optional[int] = None
+    """Optional check: must equal micro_batch_size x grad_accum x data-parallel ranks."""
+    precision: Precision = Precision.auto
+    """Training precision."""
+    seed: int = 42
+    """Seed for weights init, data order and dropout."""
+    log_every: int = 10
+    """Log a metrics row every N optimizer steps."""
+    eval_every: int = 0
+    """Validation loss every N optimizer steps (0: only at the end)."""
+    eval_batches: int = 20
+    """Validation micro batches per evaluation (per rank)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    progress_bar: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class EvalConfig:
+    exact_match: Optional[bool] = None
+    """Greedy-generate answers for ``data.test_path`` before and after training and report the
+    share that match exactly; ``null`` means on whenever ``data.test_path`` is set."""
+    max_examples: int = 500
+    """Held-out examples scored by exact match."""
+    max_new_tokens: int = 8
+    """Tokens generated per answer."""
+    batch_size: int = 128
+    """Prompts per generation batch per rank."""
+
+
+@dataclass
+class LoggerConfig:
+    mode: LoggerMode = LoggerMode.offline
+    """W&B: online, offline (synced later with ``wandb sync``) or disabled."""
+    project: str = "bigscale"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    """W&B run name; default is the run directory's name."""
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LauncherConfig:
+    kind: LauncherKind = LauncherKind.local
+    """Where ranks run."""
+    nproc_per_node: str = "auto"
+    """Ranks on this machine: a number, or ``auto`` (GPU count; 2 on a CPU-only machine)."""
+    master_port: int = 0
+    """Rendezvous port for local torchrun; 0 picks a free one."""
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = True
+    """Write a Hugging Face model directory to ``<run_dir>/export`` when training ends."""
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "default"
+    """Name used for the default run directory and the W&B group."""
+    run_dir: Optional[str] = None
+    """Run directory; default ``outputs/<experiment>/<timestamp>``. Fixed once by the launcher."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)

@@ -1,0 +1,186 @@
+"""Cross-field checks that the schema's types cannot express.
+
+They run in the launcher before any rank starts and again in each rank (which may have been
+started by a user's own torchrun), always before a model is loaded. Each failure names the keys
+involved and what to set instead."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigscale.config.schema import Precision, TrainConfig
+from bigscale.errors import ConfigError
+
+# Keys that bigscale derives from its own config; a user DeepSpeed JSON may not set them, or the
+# batch sizes in the JSON and in the training loop would drift apart.
+DERIVED_DEEPSPEED_KEYS = {
+    "train_batch_size": "trainer.micro_batch_size x trainer.grad_accum x ranks",
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "trainer.precision",
+    "fp16": "trainer.precision",
+    "optimizer": "optim.*",
+    "scheduler": "optim.schedule",
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda_devices: int = 0
+    bf16_supported: bool = False
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        import torch
+
+        if not torch.cuda.is_available():
+            return cls()
+        return cls(torch.cuda.device_count(), torch.cuda.is_bf16_supported())
+
+
+def looks_local(path: str) -> bool:
+    """A hub id is ``org/name``; anything else (absolute, ./, ~, deeper paths) is a local path."""
+    return not _HUB_ID.match(path) or Path(path).exists()
+
+
+def resolve_precision(requested: Precision, hw: Hardware) -> Precision:
+    if requested != Precision.auto:
+        return requested
+    return Precision.bf16 if hw.cuda_devices and hw.bf16_supported else Precision.fp32
+
+
+def resolve_nproc(value: str, hw: Hardware) -> int:
+    if value == "auto":
+        return hw.cuda_devices or 2
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(
+            f"launcher.nproc_per_node={value!r} is not valid; use a positive number or 'auto'"
+        )
+    return int(value)
+
+
+def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
+    """Raise ConfigError on the first impossible combination."""
+    _check_trainer(cfg, world_size)
+    _check_strategy(cfg, hw)
+    _check_optim(cfg)
+    _check_data(cfg)
+    _check_model(cfg)
+
+
+def _positive(**values: int) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{key.replace('__', '.')}={value} must be at least 1")
+
+
+def _check_trainer(cfg: TrainConfig, world_size: int) -> None:
+    t = cfg.trainer
+    _positive(
+        trainer__max_steps=t.max_steps,
+        trainer__micro_batch_size=t.micro_batch_size,
+        trainer__grad_accum=t.grad_accum,
+        trainer__log_every=t.log_every,
+    )
+    if t.eval_every < 0:
+        raise ConfigError(f"trainer.eval_every={t.eval_every} must be 0 (end only) or positive")
+    actual = t.micro_batch_size * t.grad_accum * world_size
+    if t.global_batch_size is not None and t.global_batch_size != actual:
+        hint = ""
+        per_rank = t.micro_batch_size * world_size
+        if t.global_batch_size % per_rank == 0:
+            hint = f"; for that, set trainer.grad_accum={t.global_batch_size // per_rank}"
+        raise ConfigError(
+            f"impossible batch math: trainer.global_batch_size={t.global_batch_size} but "
+            f"micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
+            f"{world_size} data-parallel ranks = {actual}{hint}"
+        )
+
+
+def _check_strategy(cfg: TrainConfig, hw: Hardware) -> None:
+    s = cfg.strategy
+    if s.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"strategy.zero_stage={s.zero_stage}; allowed values: 0, 1, 2, 3")
+    if s.offload_params and s.zero_stage != 3:
+        raise ConfigError(
+            f"strategy.offload_params=true needs ZeRO stage 3 (strategy.zero_stage is "
+            f"{s.zero_stage}); use strategy=zero3_offload"
+        )
+    if s.offload_optimizer and s.zero_stage == 0:
+        raise ConfigError(
+            "strategy.offload_optimizer=true needs ZeRO stage 1, 2 or 3 "
+            "(strategy.zero_stage is 0); use strategy=zero2 strategy.offload_optimizer=true"
+        )
+    precision = cfg.trainer.precision
+    if precision == Precision.fp16 and not hw.cuda_devices:
+        raise ConfigError(
+            "trainer.precision=fp16 needs a GPU; on CPU use trainer.precision=bf16 or fp32"
+        )
+    if precision == Precision.bf16 and hw.cuda_devices and not hw.bf16_supported:
+        raise ConfigError(
+            "trainer.precision=bf16 but this GPU has no bf16 support; use trainer.precision=fp16"
+        )
+    if s.deepspeed_config:
+        _check_user_deepspeed_json(Path(s.deepspeed_config))
+
+
+def _check_user_deepspeed_json(path: Path) -> None:
+    if not path.is_file():
+        raise ConfigError(f"strategy.deepspeed_config={path} does not exist")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON in strategy.deepspeed_config ({exc.msg})") from None
+    clashes = sorted(set(user) & set(DERIVED_DEEPSPEED_KEYS))
+    if clashes:
+        where = "; ".join(f"{k} -> {DERIVED_DEEPSPEED_KEYS[k]}" for k in clashes)
+        raise ConfigError(
+            f"{path} sets keys that bigscale derives from its config, so they could drift "
+            f"apart; remove them and set the bigscale keys instead: {where}"
+        )
+
+
+def _check_optim(cfg: TrainConfig) -> None:
+    o = cfg.optim
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
+    if o.warmup_steps < 0 or o.warmup_steps >= cfg.trainer.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} must be in [0, trainer.max_steps="
+            f"{cfg.trainer.max_steps})"
+        )
+    if o.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip={o.grad_clip} must be 0 (off) or positive")
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    d = cfg.data
+    if d.max_length < 2:
+        raise ConfigError(f"data.max_length={d.max_length} must be at least 2")
+    if not 0.0 <= d.validation_fraction < 1.0:
+        raise ConfigError(f"data.validation_fraction={d.validation_fraction} must be in [0, 1)")
+    if cfg.eval.exact_match and not d.test_path:
+        raise ConfigError(
+            "eval.exact_match=true needs data.test_path (a prompt/response file held out from "
+            "training)"
+        )
+
+
+def _check_model(cfg: TrainConfig) -> None:
+    m = cfg.model
+    if m.create_if_missing is not None or not looks_local(m.name_or_path):
+        return
+    if not Path(m.name_or_path).expanduser().is_dir():
+        raise ConfigError(
+            f"model.name_or_path={m.name_or_path} does not exist: give a local directory "
+            "holding a Hugging Face model (config.json + weights) or a hub id like "
+            "'Qwen/Qwen2.5-0.5B'"
+        )

@@ -1,0 +1,12 @@
+"""Data: sources and pre-flight checks, tokenization with loss masks, packing, sampling.
+
+Modules are imported directly (``bigscale.data.sources`` etc.) so the launcher's pre-flight does
+not pay for importing torch.
+
+- ``sources``: resolve and check local files (``preflight``), load raw splits (``load_raw``).
+- ``tokenize``: ``encode_example``, ``tokenize_split`` and its ``TokenizeReport``, ``cache_key``.
+- ``collate``: ``pad_collate``, ``pack_examples``/``pack_collate``, ``real_token_fraction``.
+- ``sampler``: ``ResumableDistributedSampler``.
+- ``tasks``: the built-in arithmetic task.
+- ``pipeline``: ``build_datasets`` (tokenize once per job) and ``build_loader``.
+"""

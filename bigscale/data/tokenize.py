@@ -1,0 +1,343 @@
+"""Raw examples -> ``input_ids`` and ``labels`` (-100 where no loss), with overlong handling.
+
+The three styles differ only in which tokens carry loss: every token but BOS (text), the response
+and EOS (prompt_response), or the assistant turns (chat). Chat turns are located by rendering the
+conversation prefix by prefix, so it works with whatever markers a chat template uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+
+from bigscale.config.schema import DataConfig, DataStyle, Overlong
+from bigscale.errors import DataError
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant", "tool")
+
+# Bump when the encoding changes, so caches written by an older bigscale are not reused.
+_ENCODING_VERSION = 1
+
+# Per-example outcome, kept in a temporary column so the report survives cache hits.
+_KEPT, _TRUNCATED, _DROPPED_OVERLONG, _DROPPED_NO_LOSS = 0, 1, 2, 3
+_STATUS, _N_TOKENS, _N_LOSS = "_bigscale_status", "_bigscale_tokens", "_bigscale_loss_tokens"
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization kept and dropped from one split."""
+
+    examples_in: int = 0
+    examples_out: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_loss: int = 0
+    tokens: int = 0
+    """Tokens in the kept examples."""
+    loss_tokens: int = 0
+    """Kept tokens whose label is not -100."""
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    # Special tokens are placed explicitly by each style, never by the tokenizer's post-processor.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _field(example: dict, column: str, key: str, index: int | None) -> Any:
+    value = example.get(column)
+    if value is None:
+        at = f"example {index}" if index is not None else "an example"
+        raise DataError(f"{at} has no value for {key}={column!r}.")
+    return value
+
+
+def _text(example: dict, column: str, key: str, index: int | None) -> str:
+    value = _field(example, column, key, index)
+    if not isinstance(value, str):
+        at = f"example {index}" if index is not None else "an example"
+        raise DataError(f"{at}: {key}={column!r} must be a string, got {type(value).__name__}.")
+    return value
+
+
+def require_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"data.style=chat needs a chat template, but tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '')!r} has none. Set one (a 'chat_template' "
+            "in the tokenizer directory, e.g. chat_template.jinja) or use "
+            "data.style=prompt_response."
+        )
+
+
+def _messages(example: dict, cfg: DataConfig, index: int | None) -> list[dict[str, Any]]:
+    at = f"example {index}" if index is not None else "an example"
+    raw = _field(example, cfg.messages_field, "data.messages_field", index)
+    if not isinstance(raw, list) or not raw:
+        raise DataError(
+            f"{at}: data.messages_field={cfg.messages_field!r} must be a non-empty list."
+        )
+    messages = []
+    for m in raw:
+        if not isinstance(m, dict) or "role" not in m:
+            raise DataError(f"{at}: every message needs a 'role' and a 'content', got {m!r}.")
+        if m["role"] not in ROLES:
+            raise DataError(
+                f"{at}: unknown role {m['role']!r}; roles must be one of {list(ROLES)}."
+            )
+        # Arrow gives every message the union of keys seen in the column, absent ones as None.
+        messages.append({k: v for k, v in m.items() if v is not None})
+    return messages
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _encode_chat(
+    messages: list[dict], tokenizer: Any, index: int | None
+) -> tuple[list[int], list[int]]:
+    def render(msgs: list[dict], generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except Exception as e:  # jinja's TemplateError, or whatever the template raises
+            at = f"example {index}" if index is not None else "an example"
+            raise DataError(f"{at}: the chat template failed on this conversation: {e}") from e
+
+    full = render(messages, False)
+    # Character span of each assistant turn within the full rendering. The start is after the
+    # generation prompt (the "assistant:" header the model is given at inference); the end is
+    # what rendering that message added. The common prefix with the full text keeps this right
+    # for templates that render earlier turns differently once later ones exist.
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = _common_prefix(render(messages[:i], True), full) if i else 0
+        end = _common_prefix(render(messages[: i + 1], False), full)
+        if end > start:
+            spans.append((start, end))
+
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = enc.get("offset_mapping")
+    if offsets is None:  # slow tokenizers have no offsets: fall back to token counts of prefixes
+        bounds = [
+            (len(_tokens(tokenizer, full[:s])), len(_tokens(tokenizer, full[:e]))) for s, e in spans
+        ]
+        labels = [IGNORE_INDEX] * len(ids)
+        for s, e in bounds:
+            labels[s:e] = ids[s:e]
+        return ids, labels
+    labels = [
+        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
+        for tok, (start, _) in zip(ids, offsets, strict=True)
+    ]
+    return ids, labels
+
+
+def encode_example(
+    example: dict, tokenizer: Any, cfg: DataConfig, index: int | None = None
+) -> dict[str, list[int]]:
+    """Token ids and labels for one raw example, before any length limit.
+
+    ``index`` only makes error messages point at the offending example.
+    """
+    style = DataStyle(cfg.style)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if style is DataStyle.text:
+        body = _tokens(tokenizer, _text(example, cfg.text_field, "data.text_field", index)) + eos
+        return {"input_ids": bos + body, "labels": [IGNORE_INDEX] * len(bos) + body}
+    if style is DataStyle.prompt_response:
+        prompt = _tokens(tokenizer, _text(example, cfg.prompt_field, "data.prompt_field", index))
+        # Tokenized apart from the prompt, as at generation time when the prompt is the input.
+        response = (
+            _tokens(tokenizer, _text(example, cfg.response_field, "data.response_field", index))
+            + eos
+        )
+        masked = bos + prompt
+        return {
+            "input_ids": masked + response,
+            "labels": [IGNORE_INDEX] * len(masked) + response,
+        }
+    require_chat_template(tokenizer)
+    ids, labels = _encode_chat(_messages(example, cfg, index), tokenizer, index)
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode_batch(
+    batch: dict[str, list], indices: list[int], tokenizer: Any, cfg: DataConfig
+) -> dict[str, list]:
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", _STATUS, _N_TOKENS, _N_LOSS)}
+    columns = list(batch)
+    for row, index in enumerate(indices):
+        example = {c: batch[c][row] for c in columns}
+        enc = encode_example(example, tokenizer, cfg, index)
+        ids, labels = enc["input_ids"], enc["labels"]
+        status = _KEPT
+        if len(ids) > cfg.max_length:
+            if Overlong(cfg.overlong) is Overlong.drop:
+                status = _DROPPED_OVERLONG
+            else:
+                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+                status = _TRUNCATED
+        n_loss = sum(1 for t in labels if t != IGNORE_INDEX)
+        if status != _DROPPED_OVERLONG and n_loss == 0:
+            status = _DROPPED_NO_LOSS
+        if status in (_DROPPED_OVERLONG, _DROPPED_NO_LOSS):
+            ids, labels = [], []  # not kept: don't spend cache space on them
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out[_STATUS].append(status)
+        out[_N_TOKENS].append(len(ids))
+        out[_N_LOSS].append(n_loss if ids else 0)
+    return out
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Identity of a tokenizer's behaviour: name, vocabulary, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = {
+        "class": type(tokenizer).__name__,
+        "name_or_path": getattr(tokenizer, "name_or_path", ""),
+        "vocab_size": len(tokenizer),
+        "vocab": _hash(sorted(tokenizer.get_vocab().items())),
+        # Normalizer, pre-tokenizer and merges matter as much as the vocabulary.
+        "backend": hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else None,
+        "special": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return _hash(parts)
+
+
+def cache_key(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, extra: str = "") -> str:
+    """Stable name for the tokenized form of ``ds``: same data, tokenizer and settings -> same key.
+
+    Every rank computes the same key from its own objects, which is how they find rank 0's files.
+    """
+    settings = {
+        "version": _ENCODING_VERSION,
+        "style": DataStyle(cfg.style).value,
+        "fields": [cfg.text_field, cfg.prompt_field, cfg.response_field, cfg.messages_field],
+        "max_length": cfg.max_length,
+        "overlong": Overlong(cfg.overlong).value,
+        "extra": extra,
+    }
+    parts = [ds._fingerprint, tokenizer_fingerprint(tokenizer), _hash(settings)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _report(mapped: datasets.Dataset) -> TokenizeReport:
+    table = mapped.with_format("numpy")
+    status = np.asarray(table[_STATUS], dtype=np.int64)
+    kept = (status == _KEPT) | (status == _TRUNCATED)
+    return TokenizeReport(
+        examples_in=len(status),
+        examples_out=int(kept.sum()),
+        truncated=int((status == _TRUNCATED).sum()),
+        dropped_overlong=int((status == _DROPPED_OVERLONG).sum()),
+        dropped_no_loss=int((status == _DROPPED_NO_LOSS).sum()),
+        tokens=int(np.asarray(table[_N_TOKENS], dtype=np.int64)[kept].sum()),
+        loss_tokens=int(np.asarray(table[_N_LOSS], dtype=np.int64)[kept].sum()),
+    )
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
+
+
+def _empty_error(report: TokenizeReport, cfg: DataConfig) -> DataError:
+    hints = []
+    if report.dropped_overlong:
+        hints.append("raise data.max_length or use data.overlong=truncate")
+    if report.dropped_no_loss:
+        hints.append(
+            "check that the loss-bearing field (response / assistant turns) is not empty and "
+            "fits within data.max_length"
+        )
+    return DataError(
+        f"dataset is empty after filtering: {report.examples_in} in, "
+        f"{report.dropped_overlong} dropped as longer than data.max_length={cfg.max_length}, "
+        f"{report.dropped_no_loss} dropped with no loss-bearing tokens. "
+        + _sentence("; ".join(hints) or "check the data")
+    )
+
+
+def _sibling(cache_file: str | None, tag: str) -> str | None:
+    if cache_file is None:
+        return None
+    stem, ext = os.path.splitext(cache_file)
+    return f"{stem}.{tag}{ext or '.arrow'}"
+
+
+def tokenize_split(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    cfg: DataConfig,
+    cache_file: str | None,
+    key: str | None = None,
+) -> tuple[datasets.Dataset, TokenizeReport]:
+    """Tokenize one split, apply ``data.overlong``, drop loss-free examples, and report counts.
+
+    With ``cache_file`` the result is written there (and a ``.kept`` indices file beside it) and
+    reused by any later call with the same name. ``key`` (default ``cache_key(...)``) becomes the
+    result's fingerprint, so no rank has to hash the tokenizer through ``datasets``.
+    """
+    if DataStyle(cfg.style) is DataStyle.chat:
+        require_chat_template(tokenizer)
+    key = key or cache_key(ds, tokenizer, cfg)
+    mapped = ds.map(
+        _encode_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
+        remove_columns=ds.column_names,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+        cache_file_name=cache_file,
+        load_from_cache_file=True,
+        new_fingerprint=key,
+        features=datasets.Features(
+            {
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "labels": datasets.List(datasets.Value("int32")),
+                _STATUS: datasets.Value("int8"),
+                _N_TOKENS: datasets.Value("int32"),
+                _N_LOSS: datasets.Value("int32"),
+            }
+        ),
+        desc="Tokenizing",
+    )
+    report = _report(mapped)
+    if report.examples_out == 0:
+        raise _empty_error(report, cfg)
+    kept = mapped.filter(
+        lambda status: np.isin(status, [_KEPT, _TRUNCATED]),
+        input_columns=[_STATUS],
+        batched=True,
+        batch_size=10_000,
+        cache_file_name=_sibling(cache_file, "kept"),
+        load_from_cache_file=True,
+        new_fingerprint=f"{key}-kept",
+        desc="Filtering",
+    )
+    return kept.remove_columns([_STATUS, _N_TOKENS, _N_LOSS]), report

@@ -1,0 +1,236 @@
+"""DeepSpeed, behind one module: the only place in bigscale that imports ``deepspeed``.
+
+It turns the typed training config into a DeepSpeed config (one source of truth for batch sizes,
+precision and clipping), builds the optimizer and the engine, and exposes the few operations the
+trainer needs: forward, backward, step, gathered weights for export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+from transformers.integrations import HfDeepSpeedConfig
+
+from bigscale.config.schema import OptimConfig, Precision, TrainConfig
+from bigscale.dist.env import DistEnv
+
+
+def init_distributed(env: DistEnv, timeout_minutes: float = 30.0) -> None:
+    """Join the process group (gloo on CPU, nccl on GPU). A lone process gets a group of one so
+    the same code path runs everywhere."""
+    if torch.distributed.is_initialized():
+        return
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> dict[str, Any]:
+    """The DeepSpeed config derived from the bigscale config, with the user's JSON merged in."""
+    t, s = cfg.trainer, cfg.strategy
+    zero: dict[str, Any] = {"stage": s.zero_stage}
+    if s.zero_stage > 0:
+        zero.update(
+            overlap_comm=s.overlap_comm,
+            contiguous_gradients=True,
+            reduce_bucket_size=s.reduce_bucket_size,
+        )
+    if s.zero_stage == 3:
+        # Export gathers the partitioned weights; without this flag DeepSpeed refuses.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    pin = torch.cuda.is_available()
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if s.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == Precision.bf16},
+        "fp16": {"enabled": precision == Precision.fp16, "loss_scale": 0},
+        # bigscale logs its own metrics; DeepSpeed's periodic prints would duplicate them.
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if s.deepspeed_config:
+        user = json.loads(Path(s.deepspeed_config).read_text())
+        ds = _deep_merge(ds, user)
+    return ds
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@contextmanager
+def partitioned_model_init(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, models loaded inside this block are built already partitioned across ranks
+    (transformers reads the live HfDeepSpeedConfig); elsewhere it does nothing."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    marker = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        # transformers holds only a weak reference; keep it alive until loading is done.
+        del marker
+
+
+def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at optimizer step ``step``: linear warmup, then the schedule,
+    never below ``min_lr_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        span = max(1, max_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        if optim.schedule == "constant":
+            decay = 1.0
+        elif optim.schedule == "linear":
+            decay = 1.0 - progress
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * decay
+
+    return factor
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (1-D). ZeRO-3 partitions parameters into flat
+    placeholders, so the original shape comes from ``ds_shape``."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        shape = getattr(param, "ds_shape", param.shape)
+        (decay if len(shape) >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = _param_groups(model, o.weight_decay)
+    betas = (o.beta1, o.beta2)
+    if cfg.strategy.offload_optimizer:
+        # With the optimizer state in CPU memory DeepSpeed needs its own vectorized CPU Adam.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, eps=o.eps, adamw_mode=True)
+    fused = torch.cuda.is_available() if o.fused is None else o.fused
+    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=fused or None)
+
+
+class Engine:
+    """A DeepSpeed engine plus what bigscale asks of it."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]):
+        self.ds_config = ds_config
+        self.zero_stage = int(ds_config["zero_optimization"]["stage"])
+        optimizer = _build_optimizer(model, cfg)
+        schedule = lr_lambda(cfg.optim, cfg.trainer.max_steps)
+        self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: LambdaLR(opt, schedule),
+            config=ds_config,
+        )
+        self._manual_grad_norm: float | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self._engine.device
+
+    def train(self, mode: bool = True) -> None:
+        self._engine.train(mode)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return self._engine(**inputs).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._engine.backward(loss)
+
+    def step(self) -> None:
+        """Advance one micro batch; at the accumulation boundary this clips and steps the
+        optimizer and the lr schedule."""
+        if self._engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+            self._manual_grad_norm = self._local_grad_norm()
+        self._engine.step()
+
+    def _local_grad_norm(self) -> float | None:
+        # Plain data parallel in fp32 has no DeepSpeed optimizer wrapper to report the norm; the
+        # gradients are already averaged across ranks here, so every rank computes the same.
+        if self._engine.get_global_grad_norm() is not None:
+            return None
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    @property
+    def grad_norm(self) -> float | None:
+        norm = self._engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._manual_grad_norm
+        return None if norm is None else float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: call on all ranks."""
+        if self.zero_stage == 3:
+            state = self._engine._zero3_consolidated_16bit_state_dict()
+            return state if torch.distributed.get_rank() == 0 else None
+        if torch.distributed.get_rank() != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}

@@ -1,0 +1,30 @@
+"""Carry out a plan on this machine: one rank in-process, or torchrun for several."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from bigscale.config.compose import to_yaml
+from bigscale.data.sources import preflight
+from bigscale.launch.plan import Plan
+from bigscale.train.assets import prepare_assets
+
+
+def prepare(plan: Plan) -> None:
+    """Everything that can fail cheaply, before any rank starts: files the presets create,
+    the data files' syntax and columns, and the run directory with its resolved config."""
+    prepare_assets(plan.cfg)
+    preflight(plan.cfg.data)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    (plan.run_dir / "config.yaml").write_text(to_yaml(plan.cfg))
+
+
+def launch(plan: Plan) -> int:
+    """Returns the exit code of the run (the first failing rank's, under torchrun)."""
+    if plan.in_process:
+        from bigscale.train.run import main
+
+        return main(plan.rank_overrides)
+    env = dict(os.environ)
+    return subprocess.run(plan.command(), env=env, check=False).returncode

@@ -1,0 +1,116 @@
+"""Where metrics go: ``metrics.jsonl`` in the run directory, W&B, and a console progress bar.
+
+Only rank 0 writes; ``MetricsLogger`` fans one row out to every sink so the training loop logs
+each number once."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from bigscale.config.redact import redact
+from bigscale.config.schema import LoggerConfig, LoggerMode
+from bigscale.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class JsonlSink:
+    """One JSON object per line; appended so a resumed run continues the same file."""
+
+    def __init__(self, path: Path):
+        self._file = path.open("a", encoding="utf-8")
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(_finite(row)) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]):
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_dir.name,
+            group=cfg.group,
+            tags=list(cfg.tags),
+            config=redact(config),
+            dir=str(run_dir),
+            mode=cfg.mode.value,
+            id=_run_id(run_dir),
+            resume="allow",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+
+    def log(self, row: dict[str, Any]) -> None:
+        step = row.get("step")
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _run_id(run_dir: Path) -> str:
+    """The W&B run id lives in the run directory, so every rank restart or requeue of this run
+    logs into the same W&B run."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+class ProgressBar:
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self._bar = tqdm(total=total, initial=initial, desc="train", disable=not enabled)
+
+    def update(self, step: int, row: dict[str, Any] | None = None) -> None:
+        self._bar.update(step - self._bar.n)
+        if row:
+            shown = {k: row[k] for k in ("loss", "lr", "tokens_per_s") if k in row}
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+class MetricsLogger:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        config: dict[str, Any],
+        is_main: bool,
+    ):
+        self._sinks: list[JsonlSink | WandbSink] = []
+        if not is_main:
+            return
+        self._sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        if cfg.mode != LoggerMode.disabled:
+            self._sinks.append(WandbSink(cfg, run_dir, config))
+
+    def log(self, row: dict[str, Any]) -> None:
+        for sink in self._sinks:
+            sink.log(row)
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
+
+
+def _finite(row: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no NaN/inf; write null so every line stays parseable by strict readers.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}

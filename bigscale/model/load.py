@@ -1,0 +1,84 @@
+"""Load a pretrained causal LM and its tokenizer from a hub id or a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from bigscale.config.schema import ModelConfig, Precision
+from bigscale.errors import ModelError
+from bigscale.logging import get_logger
+from bigscale.model.tiny import create_tiny_model
+
+log = get_logger(__name__)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+_PRECISION_DTYPES = {
+    Precision.bf16: torch.bfloat16,
+    Precision.fp16: torch.float16,
+    Precision.fp32: torch.float32,
+}
+
+
+def ensure_model_files(cfg: ModelConfig) -> None:
+    """Create the tiny model on first use when the preset asks for it (idempotent, atomic)."""
+    if cfg.create_if_missing is not None:
+        create_tiny_model(Path(cfg.name_or_path).expanduser(), cfg.create_if_missing)
+
+
+def load_dtype(cfg: ModelConfig, precision: Precision) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return _PRECISION_DTYPES[precision]
+    return _DTYPES[cfg.dtype.value]
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    source = cfg.tokenizer_name_or_path or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer from {source!r}: {exc}") from None
+    if tokenizer.pad_token is None:
+        # Padding positions never carry loss (labels are -100 there) and are masked out of
+        # attention, so reusing EOS is safe; say so, because it changes what `pad` decodes to.
+        if cfg.pad_token is not None:
+            tokenizer.add_special_tokens({"pad_token": cfg.pad_token})
+        elif tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+            log.info("tokenizer has no pad token; using its EOS token %r", tokenizer.eos_token)
+        else:
+            raise ModelError(
+                f"tokenizer {source!r} has neither a pad nor an EOS token; set model.pad_token"
+            )
+    return tokenizer
+
+
+def load_model(
+    cfg: ModelConfig, precision: Precision, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    """Call inside ``engine.partitioned_model_init`` so ZeRO-3 builds the model partitioned."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            revision=cfg.revision,
+            dtype=load_dtype(cfg, precision),
+            attn_implementation=cfg.attn_implementation.value,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model.name_or_path={cfg.name_or_path!r}: {exc}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model

@@ -1,0 +1,91 @@
+"""One rank's life: compose and validate the config, join the group, train, clean up.
+
+This is what ``python -m bigscale.train`` runs (under torchrun, srun, or a user's own torchrun)
+and what the local launcher calls in-process for a single rank."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from bigscale.config.compose import compose_config, to_yaml
+from bigscale.config.schema import TrainConfig
+from bigscale.config.validate import Hardware, validate
+from bigscale.dist.env import DistEnv
+from bigscale.errors import BigscaleError
+from bigscale.logging import get_logger, setup_logging
+from bigscale.train.assets import prepare_assets
+from bigscale.train.rundir import default_run_dir
+
+log = get_logger(__name__)
+
+
+def run_rank(overrides: list[str]) -> dict[str, float]:
+    env = DistEnv.from_environ()
+    cfg = compose_config(overrides)
+    validate(cfg, env.world_size, Hardware.detect())
+    _quiet_libraries()
+
+    from bigscale.dist.engine import init_distributed
+
+    init_distributed(env)
+    try:
+        run_dir = _agree_on_run_dir(cfg, env)
+        setup_logging(env.rank, run_dir)
+        if env.is_main:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+            prepare_assets(cfg)
+        _barrier()
+        # Imported late: the trainer pulls in transformers/deepspeed, which the config checks
+        # above do not need.
+        from bigscale.train.trainer import Trainer
+
+        return Trainer(cfg, env, run_dir).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _agree_on_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
+    """The launcher normally fixes ``run_dir``; under a user's own torchrun rank 0 picks it and
+    tells the others, so no rank invents its own timestamped directory."""
+    chosen = [str(Path(cfg.run_dir).resolve()) if cfg.run_dir else None]
+    if chosen[0] is None and env.is_main:
+        chosen[0] = str(default_run_dir(cfg).resolve())
+    if env.world_size > 1:
+        dist.broadcast_object_list(chosen, src=0)
+    run_dir = Path(chosen[0])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.run_dir = str(run_dir)
+    return run_dir
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    try:
+        run_rank(overrides)
+    except BigscaleError as exc:
+        if DistEnv.from_environ().is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0

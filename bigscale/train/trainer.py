@@ -1,0 +1,206 @@
+"""The Trainer: ``__init__`` builds every part, ``fit`` reads like the steps of training."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bigscale.checkpoint.export import save_pretrained_dir
+from bigscale.config.compose import to_plain_dict
+from bigscale.config.schema import TrainConfig
+from bigscale.config.validate import Hardware, resolve_precision
+from bigscale.data.pipeline import build_datasets, build_loader
+from bigscale.dist import engine as ds
+from bigscale.dist.env import DistEnv
+from bigscale.logging import get_logger
+from bigscale.metrics.sinks import MetricsLogger, ProgressBar
+from bigscale.model.load import load_model, load_tokenizer
+from bigscale.train import task_eval
+
+log = get_logger(__name__)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    tokens: int  # real (non-padding) tokens this rank consumed in the step
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path):
+        self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.precision = resolve_precision(cfg.trainer.precision, Hardware.detect())
+        torch.manual_seed(cfg.trainer.seed)
+
+        self.tokenizer = load_tokenizer(cfg.model)
+        # Data before the model: a broken dataset should fail before minutes of model loading.
+        self.data = build_datasets(
+            cfg.data, self.tokenizer, env, cfg.trainer.seed, self._tokenized_cache_dir()
+        )
+        self.train_loader, self.sampler = build_loader(
+            self.data.train,
+            self.data.collate,
+            env,
+            cfg.trainer.micro_batch_size,
+            cfg.trainer.seed,
+            cfg.trainer.num_workers,
+            shuffle=True,
+        )
+        self.val_loader, _ = build_loader(
+            self.data.validation,
+            self.data.collate,
+            env,
+            cfg.trainer.micro_batch_size,
+            cfg.trainer.seed,
+            cfg.trainer.num_workers,
+            shuffle=False,
+        )
+
+        ds_config = ds.build_ds_config(cfg, env.world_size, self.precision)
+        with ds.partitioned_model_init(ds_config):
+            model = load_model(cfg.model, self.precision, self.tokenizer)
+        self.engine = ds.Engine(model, cfg, ds_config)
+        # Dropout masks differ per rank; data order comes from the sampler's own seed.
+        torch.manual_seed(cfg.trainer.seed + env.rank)
+
+        self.metrics = MetricsLogger(run_dir, cfg.logger, to_plain_dict(cfg), env.is_main)
+        self.task_examples = self._task_examples()
+        self.step = 0
+        self.epoch = 0
+        self.tokens_seen = 0
+
+    def fit(self) -> dict[str, float]:
+        summary: dict[str, float] = {}
+        if self.task_examples:
+            summary["exact_match_before"] = self.evaluate_task()
+            log.info("held-out exact match before training: %.1f%%", 100 * summary["exact_match_before"])
+        bar = ProgressBar(self.cfg.trainer.max_steps, self.step, self._show_progress())
+        batches = self._batches()
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.step < self.cfg.trainer.max_steps:
+            stats = self.train_step(batches)
+            window_tokens += stats.tokens
+            if self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps:
+                row = self._train_row(stats, window_tokens, time.perf_counter() - window_start)
+                self.metrics.log(row)
+                bar.update(self.step, row)
+                window_tokens, window_start = 0, time.perf_counter()
+            else:
+                bar.update(self.step)
+            if self._eval_due():
+                self.metrics.log({"step": self.step, **self.evaluate()})
+        bar.close()
+        final = self.evaluate()
+        summary.update(final)
+        self.metrics.log({"step": self.step, **final})
+        log.info("step %d: eval_loss %.4f, perplexity %.2f", self.step, final["eval_loss"], final["eval_ppl"])
+        if self.task_examples:
+            summary["exact_match_after"] = self.evaluate_task()
+            log.info("held-out exact match after training: %.1f%%", 100 * summary["exact_match_after"])
+        if self.cfg.export.at_end:
+            self.export(self.run_dir / "export")
+        self.metrics.log({"step": self.step, **{f"final/{k}": v for k, v in summary.items()}})
+        self.metrics.close()
+        return summary
+
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
+        """One optimizer step: ``grad_accum`` micro batches, then clip + step (inside DeepSpeed)."""
+        self.engine.train()
+        loss_sum, tokens = 0.0, 0
+        for _ in range(self.cfg.trainer.grad_accum):
+            batch = next(batches)
+            loss = self.engine.forward(batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += float(loss.detach())
+            tokens += int(batch["attention_mask"].sum())
+        self.step += 1
+        return StepStats(loss=loss_sum / self.cfg.trainer.grad_accum, tokens=tokens)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean validation loss over the same number of batches on every rank (a forward is a
+        collective under ZeRO-3, so ranks must agree on how many)."""
+        self.engine.train(False)
+        limit = min(self.cfg.trainer.eval_batches, len(self.val_loader))
+        total = torch.zeros(2, dtype=torch.float64)
+        for i, batch in enumerate(self.val_loader):
+            if i >= limit:
+                break
+            total += torch.tensor([float(self.engine.forward(batch)), 1.0], dtype=torch.float64)
+        self.engine.train(True)
+        total = self._all_reduce_sum(total)
+        loss = float(total[0] / total[1]) if total[1] else float("nan")
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+    def evaluate_task(self) -> float:
+        return task_eval.exact_match(
+            self.engine.module,
+            self.tokenizer,
+            self.task_examples,
+            self.cfg.eval,
+            self.env,
+            synced=self.engine.zero_stage == 3 and self.env.world_size > 1,
+        )
+
+    def export(self, out_dir: Path) -> None:
+        state = self.engine.gathered_state_dict()
+        if self.env.is_main:
+            assert state is not None
+            save_pretrained_dir(self.engine.module, state, self.tokenizer, out_dir)
+            log.info("exported Hugging Face model to %s", out_dir)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            yield from self.train_loader
+            self.epoch += 1
+
+    def _train_row(self, stats: StepStats, window_tokens: int, seconds: float) -> dict[str, float]:
+        reduced = self._all_reduce_sum(torch.tensor([stats.loss, float(window_tokens)], dtype=torch.float64))
+        step_tokens = int(reduced[1])
+        self.tokens_seen += step_tokens
+        row: dict[str, float] = {
+            "step": self.step,
+            "loss": float(reduced[0]) / self.env.world_size,
+            "lr": self.engine.lr,
+            "tokens_per_s": step_tokens / max(seconds, 1e-9),
+            "epoch": self.epoch,
+        }
+        if self.engine.grad_norm is not None:
+            row["grad_norm"] = self.engine.grad_norm
+        return row
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.trainer.eval_every
+        return every > 0 and self.step % every == 0 and self.step < self.cfg.trainer.max_steps
+
+    def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def _show_progress(self) -> bool:
+        return self.cfg.trainer.progress_bar and self.env.is_main
+
+    def _task_examples(self) -> list[task_eval.Example]:
+        enabled = self.cfg.eval.exact_match
+        if enabled is None:
+            enabled = self.cfg.data.test_path is not None
+        if not enabled:
+            return []
+        return task_eval.read_examples(self.cfg.data, self.cfg.eval.max_examples)
+
+    def _tokenized_cache_dir(self) -> Path:
+        if self.cfg.data.cache_dir:
+            return Path(self.cfg.data.cache_dir)
+        # Next to the run directories of the experiment, so later runs reuse the tokenization.
+        return self.run_dir.parent / ".tokenized"
