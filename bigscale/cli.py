@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    from bigscale.quiet import quiet_third_party
+
+    quiet_third_party()
     try:
         if command == "train":
             return _train(rest)

@@ -217,12 +217,8 @@ def _local_files(path: str, key: str) -> list[Path]:
 def preflight(cfg: DataConfig) -> None:
     """Check every local data file the config names; a hub name is accepted unchecked (offline).
 
-    When ``data.generate_arithmetic`` is set the task files are written first if missing.
+    Generated files (``data.generate_arithmetic``) must be written before this runs.
     """
-    if cfg.generate_arithmetic:
-        from bigscale.data.tasks import ensure_arithmetic_task
-
-        ensure_arithmetic_task(cfg)
     if not is_hub(cfg):
         for f in _local_files(cfg.path, "data.path"):
             check_local_file(f, cfg)

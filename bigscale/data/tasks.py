@@ -12,8 +12,6 @@ import random
 import tempfile
 from pathlib import Path
 
-from bigscale.config.schema import DataConfig
-
 TEST_SIZE = 500
 VALIDATION_SIZE = 500
 
@@ -65,15 +63,3 @@ def write_arithmetic_task(
         _write_atomic(Path(validation_path), validation)
     if test_path is not None:
         _write_atomic(Path(test_path), test)
-
-
-def ensure_arithmetic_task(cfg: DataConfig) -> bool:
-    """Write the task to ``data.path``/``validation_path``/``test_path`` when any is missing.
-
-    Returns whether files were written.
-    """
-    paths = [cfg.path, cfg.validation_path, cfg.test_path]
-    if all(p is None or Path(p).is_file() for p in paths):
-        return False
-    write_arithmetic_task(cfg.path, cfg.validation_path, cfg.test_path)
-    return True

@@ -133,17 +133,17 @@ def _encode_chat(
         if end > start:
             spans.append((start, end))
 
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets = enc.get("offset_mapping")
-    if offsets is None:  # slow tokenizers have no offsets: fall back to token counts of prefixes
-        bounds = [
-            (len(_tokens(tokenizer, full[:s])), len(_tokens(tokenizer, full[:e]))) for s, e in spans
-        ]
+    if not getattr(tokenizer, "is_fast", False):
+        # Python tokenizers have no character offsets: use token counts of the rendered prefixes.
+        ids = _tokens(tokenizer, full)
         labels = [IGNORE_INDEX] * len(ids)
-        for s, e in bounds:
-            labels[s:e] = ids[s:e]
+        for s, e in spans:
+            lo, hi = len(_tokens(tokenizer, full[:s])), len(_tokens(tokenizer, full[:e]))
+            labels[lo:hi] = ids[lo:hi]
         return ids, labels
+    # A token carries loss when it starts inside an assistant span.
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
     labels = [
         tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
         for tok, (start, _) in zip(ids, offsets, strict=True)
@@ -156,14 +156,23 @@ def encode_example(
 ) -> dict[str, list[int]]:
     """Token ids and labels for one raw example, before any length limit.
 
+    Styles: ``text`` is BOS + text + EOS with loss on all but BOS (none for blank text);
+    ``prompt_response`` is BOS + prompt + response + EOS with loss on response + EOS; ``chat`` is
+    the chat template's rendering with loss on the assistant turns (content and end marker, not
+    the header the generation prompt supplies).
+
     ``index`` only makes error messages point at the offending example.
     """
     style = DataStyle(cfg.style)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if style is DataStyle.text:
-        body = _tokens(tokenizer, _text(example, cfg.text_field, "data.text_field", index)) + eos
-        return {"input_ids": bos + body, "labels": [IGNORE_INDEX] * len(bos) + body}
+        text = _text(example, cfg.text_field, "data.text_field", index)
+        body = _tokens(tokenizer, text) + eos
+        # Blank lines (common in .txt corpora) would only teach "EOS right after BOS": no loss,
+        # so they are dropped and counted with the other loss-free examples.
+        loss = body if text.strip() else [IGNORE_INDEX] * len(body)
+        return {"input_ids": bos + body, "labels": [IGNORE_INDEX] * len(bos) + loss}
     if style is DataStyle.prompt_response:
         prompt = _tokens(tokenizer, _text(example, cfg.prompt_field, "data.prompt_field", index))
         # Tokenized apart from the prompt, as at generation time when the prompt is the input.

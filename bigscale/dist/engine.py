@@ -222,6 +222,15 @@ class Engine:
             norm = self._manual_grad_norm
         return None if norm is None else float(norm)
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(parameters in the model, parameters stored on this rank): under ZeRO-3 each rank
+        holds only its partition."""
+        total = local = 0
+        for p in self.module.parameters():
+            total += int(getattr(p, "ds_numel", p.numel()))
+            local += int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel()
+        return total, local
+
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])

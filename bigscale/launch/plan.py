@@ -5,6 +5,7 @@ user reviews is exactly what runs."""
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,18 @@ from bigscale.config.schema import Precision, TrainConfig
 from bigscale.config.validate import Hardware, resolve_nproc, resolve_precision, validate
 from bigscale.launch.memory import MemoryEstimate, count_parameters, estimate
 from bigscale.train.rundir import default_run_dir
+
+
+_PLAIN_VALUE = re.compile(r"^[\w/.:~+@-]+$")
+
+
+def override(key: str, value: object) -> str:
+    """A Hydra override; the value is quoted only when the grammar needs it (an '=' or a space
+    in a path, say), so printed commands stay readable."""
+    text = str(value)
+    if _PLAIN_VALUE.match(text):
+        return f"{key}={text}"
+    return f"{key}='{text}'" if "'" not in text else f'{key}="{text}"'
 
 
 @dataclass
@@ -38,7 +51,7 @@ class Plan:
     def rank_overrides(self) -> list[str]:
         """What every rank composes: the user's overrides plus the fixed run directory."""
         kept = [o for o in self.overrides if not o.lstrip("+~").startswith("run_dir=")]
-        return [*kept, f"run_dir='{self.run_dir}'"]
+        return [*kept, override("run_dir", self.run_dir)]
 
     @property
     def in_process(self) -> bool:

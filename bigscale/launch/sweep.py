@@ -15,7 +15,7 @@ from hydra.errors import HydraException
 
 from bigscale.config.compose import compose_config
 from bigscale.errors import ConfigError
-from bigscale.launch.plan import Plan, make_plan
+from bigscale.launch.plan import Plan, make_plan, override
 from bigscale.train.rundir import default_run_dir
 
 
@@ -39,9 +39,9 @@ def plan_jobs(overrides: list[str], multirun: bool) -> list[Plan]:
     for i, job in enumerate(jobs):
         label = "_".join(o for o in job if o.split("=", 1)[0] in swept)
         name = f"{i}_{_safe(label)}" if label else str(i)
-        extra = [f"run_dir='{base.resolve() / name}'"]
+        extra = [override("run_dir", base.resolve() / name)]
         if not any(o.startswith("logger.group=") for o in job):
-            extra.append(f"logger.group={_safe(base.name)}")
+            extra.append(override("logger.group", _safe(base.name)))
         job = [o for o in job if not o.startswith("run_dir=")] + extra
         plans.append(make_plan(compose_config(job), job))
     return plans

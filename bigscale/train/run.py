@@ -5,7 +5,6 @@ and what the local launcher calls in-process for a single rank."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from bigscale.config.validate import Hardware, validate
 from bigscale.dist.env import DistEnv
 from bigscale.errors import BigscaleError
 from bigscale.logging import get_logger, setup_logging
+from bigscale.quiet import quiet_third_party
 from bigscale.train.assets import prepare_assets
 from bigscale.train.rundir import default_run_dir
 
@@ -27,7 +27,7 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
     env = DistEnv.from_environ()
     cfg = compose_config(overrides)
     validate(cfg, env.world_size, Hardware.detect())
-    _quiet_libraries()
+    quiet_third_party()
 
     from bigscale.dist.engine import init_distributed
 
@@ -66,18 +66,6 @@ def _agree_on_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:

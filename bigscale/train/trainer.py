@@ -66,6 +66,8 @@ class Trainer:
         with ds.partitioned_model_init(ds_config):
             model = load_model(cfg.model, self.precision, self.tokenizer)
         self.engine = ds.Engine(model, cfg, ds_config)
+        total, local = self.engine.parameter_counts()
+        log.info("model: %s parameters, %s stored on rank 0", f"{total:,}", f"{local:,}")
         # Dropout masks differ per rank; data order comes from the sampler's own seed.
         torch.manual_seed(cfg.trainer.seed + env.rank)
 

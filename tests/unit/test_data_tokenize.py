@@ -40,9 +40,11 @@ def expected(tok, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]
     special = set(tok.all_special_tokens)
     ids, labels = [], []
     for text, loss in pieces:
-        chunk = [tok.convert_tokens_to_ids(text)] if text in special else [
-            tok.convert_tokens_to_ids(c) for c in text
-        ]
+        chunk = (
+            [tok.convert_tokens_to_ids(text)]
+            if text in special
+            else [tok.convert_tokens_to_ids(c) for c in text]
+        )
         assert tok.unk_token_id not in chunk
         ids += chunk
         labels += chunk if loss else [IGN] * len(chunk)
@@ -102,6 +104,34 @@ def test_chat_masking_llama2_inst(char_tokenizer) -> None:
     assert out["labels"] == labels
 
 
+class PythonTokenizerView:
+    """The same tokenizer seen as a Python (non-fast) one: no character offsets."""
+
+    is_fast = False
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("no offsets for Python tokenizers")
+        return self._tok(*args, **kwargs)
+
+
+@pytest.mark.parametrize("template", [None, LLAMA2_TEMPLATE])
+def test_chat_masking_without_offsets_matches(char_tokenizer, template) -> None:
+    if template:
+        char_tokenizer.chat_template = template
+    cfg = DataConfig(path="x", style=DataStyle.chat)
+    fast = encode_example({"messages": CONVERSATION}, char_tokenizer, cfg)
+    slow = encode_example({"messages": CONVERSATION}, PythonTokenizerView(char_tokenizer), cfg)
+    assert slow == fast
+    assert IGN in fast["labels"] and any(t != IGN for t in fast["labels"])
+
+
 def test_chat_drops_null_keys_from_arrow_structs(char_tokenizer) -> None:
     # Arrow gives every message the union of keys; absent ones come back as None.
     ds = datasets.Dataset.from_list(
@@ -130,6 +160,16 @@ def test_chat_without_template_says_to_set_one(char_tokenizer) -> None:
 
 
 TEXTS = ["ab", "abcdef", "abcdefg", "abcdefghijkl"]  # 4, 8, 9 and 14 tokens with bos and eos
+
+
+def test_blank_text_is_dropped_as_loss_free(char_tokenizer) -> None:
+    ds = datasets.Dataset.from_dict({"text": ["ab", "", "  ", "c"]})
+    out, rep = tokenize_split(ds, char_tokenizer, DataConfig(path="x"), cache_file=None)
+    assert (rep.examples_out, rep.dropped_no_loss) == (2, 2)
+    assert [char_tokenizer.decode(x, skip_special_tokens=True) for x in out["input_ids"]] == [
+        "ab",
+        "c",
+    ]
 
 
 def test_truncate_vs_drop_counts(char_tokenizer) -> None:

@@ -1,0 +1,66 @@
+"""Run bigscale's real entry points as a user would, in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Short, fast settings for runs whose point is the plumbing, not the accuracy.
+QUICK = [
+    "trainer.max_steps=24",
+    "trainer.micro_batch_size=16",
+    "trainer.log_every=4",
+    "trainer.eval_every=12",
+    "trainer.eval_batches=2",
+    "trainer.progress_bar=false",
+    "optim.warmup_steps=4",
+    "eval.max_examples=32",
+    "logger=disabled",
+]
+
+
+def env_for(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["BIGSCALE_HOME"] = str(home)  # tiny model + generated data, shared across tests
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def bigscale(
+    args: list[str], cwd: Path, home: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bigscale.cli", *args],
+        cwd=cwd,
+        env=env_for(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def torchrun(
+    nproc: int, args: list[str], cwd: Path, home: Path, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(nproc), "-m", "bigscale.train", *args]
+    return subprocess.run(
+        cmd, cwd=cwd, env=env_for(home), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in metrics(run_dir) if "loss" in r]
+
+
+def explain(proc: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"

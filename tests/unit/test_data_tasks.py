@@ -1,0 +1,31 @@
+"""The built-in arithmetic task: deterministic, disjoint splits of the right sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bigscale.data.tasks import write_arithmetic_task
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_split_sizes_content_and_determinism(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / "x" / n for n in ("train.jsonl", "val.jsonl", "test.jsonl"))
+    write_arithmetic_task(a, b, c, seed=0, max_operand=99)
+    train, val, test = read(a), read(b), read(c)
+    assert (len(train), len(val), len(test)) == (9000, 500, 500)
+    prompts = [r["prompt"] for r in train + val + test]
+    assert len(set(prompts)) == 10_000  # every pair exactly once, so splits are disjoint
+    for row in test[:50]:
+        x, y = row["prompt"].rstrip("=").split("+")
+        assert row["response"] == str(int(x) + int(y))
+
+    first = [p.read_bytes() for p in (a, b, c)]
+    write_arithmetic_task(a, b, c, seed=0, max_operand=99)
+    assert [p.read_bytes() for p in (a, b, c)] == first
+    write_arithmetic_task(a, b, c, seed=1, max_operand=99)
+    assert c.read_bytes() != first[2]
+    assert not [p for p in a.parent.iterdir() if p.name.endswith(".tmp")]  # no temp files left

@@ -1,0 +1,114 @@
+"""Cross-field checks fail before any model is loaded, naming the keys and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bigscale.config.compose import compose_config
+from bigscale.config.schema import Precision
+from bigscale.config.validate import Hardware, resolve_nproc, resolve_precision, validate
+from bigscale.errors import ConfigError
+
+CPU = Hardware()
+OLD_GPU = Hardware(cuda_devices=8, bf16_supported=False)
+H100 = Hardware(cuda_devices=8, bf16_supported=True)
+
+
+def check(overrides: list[str], world_size: int = 2, hw: Hardware = CPU) -> None:
+    validate(compose_config(overrides), world_size, hw)
+
+
+def test_default_job_is_valid_on_cpu() -> None:
+    check([])
+
+
+def test_impossible_batch_math_names_all_terms_and_a_fix() -> None:
+    with pytest.raises(ConfigError) as err:
+        check(["trainer.global_batch_size=256", "trainer.micro_batch_size=32"], world_size=2)
+    msg = str(err.value)
+    assert "global_batch_size=256" in msg and "32" in msg and "64" in msg
+    assert "trainer.grad_accum=4" in msg
+
+
+def test_consistent_global_batch_passes() -> None:
+    check(["trainer.global_batch_size=256", "trainer.micro_batch_size=32", "trainer.grad_accum=4"])
+
+
+@pytest.mark.parametrize("key", ["max_steps", "micro_batch_size", "grad_accum", "log_every"])
+def test_non_positive_counts_rejected(key: str) -> None:
+    with pytest.raises(ConfigError, match=f"trainer.{key}=0"):
+        check([f"trainer.{key}=0"])
+
+
+def test_param_offload_needs_stage_3() -> None:
+    with pytest.raises(ConfigError, match="offload_params.*stage 3"):
+        check(["strategy=zero2", "strategy.offload_params=true"])
+
+
+def test_optimizer_offload_needs_zero() -> None:
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        check(["strategy=ddp", "strategy.offload_optimizer=true"])
+
+
+def test_fp16_needs_a_gpu() -> None:
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        check(["trainer.precision=fp16"])
+    check(["trainer.precision=fp16"], hw=OLD_GPU)
+
+
+def test_bf16_needs_hardware_support() -> None:
+    with pytest.raises(ConfigError, match="no bf16 support"):
+        check(["trainer.precision=bf16"], hw=OLD_GPU)
+    check(["trainer.precision=bf16"], hw=H100)
+    check(["trainer.precision=bf16"], hw=CPU)  # DeepSpeed runs bf16 on CPU
+
+
+def test_auto_precision_follows_hardware() -> None:
+    assert resolve_precision(Precision.auto, CPU) == Precision.fp32
+    assert resolve_precision(Precision.auto, H100) == Precision.bf16
+    assert resolve_precision(Precision.auto, OLD_GPU) == Precision.fp32
+
+
+def test_missing_local_model_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ConfigError, match="does not exist"):
+        check(["model=gpt2", f"model.name_or_path={missing}"])
+
+
+def test_hub_id_is_not_checked_locally() -> None:
+    check(["model=qwen2_5_0_5b"])
+
+
+def test_warmup_must_fit_in_training() -> None:
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        check(["trainer.max_steps=10", "optim.warmup_steps=10"])
+
+
+def test_exact_match_needs_a_test_file() -> None:
+    with pytest.raises(ConfigError, match="data.test_path"):
+        check(["data.test_path=null", "eval.exact_match=true"])
+
+
+def test_nproc_auto_and_numbers() -> None:
+    assert resolve_nproc("auto", CPU) == 2
+    assert resolve_nproc("auto", H100) == 8
+    assert resolve_nproc("3", CPU) == 3
+    with pytest.raises(ConfigError, match="nproc_per_node"):
+        resolve_nproc("two", CPU)
+
+
+def test_user_deepspeed_json_may_not_set_derived_keys(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 1024, "zero_optimization": {}}))
+    with pytest.raises(ConfigError, match="train_batch_size -> trainer.micro_batch_size"):
+        check([f"strategy.deepspeed_config={path}"])
+
+
+def test_user_deepspeed_json_syntax_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "zero_optimization": {\n    "stage": 2,\n  }\n}\n')
+    with pytest.raises(ConfigError, match=rf"{path}:4"):
+        check([f"strategy.deepspeed_config={path}"])
