@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from bigscale.errors import BigscaleError
 
 USAGE = """bigscale train [-m] [overrides...]   compose, validate, print the plan, run
 bigscale plan [overrides...]         the same plan, without training
-bigscale export RUN_DIR --out DIR    a Hugging Face model directory from a finished run
+bigscale export RUN_DIR|CHECKPOINT --out DIR
+                                     a Hugging Face model directory (safetensors)
 
 Overrides are Hydra's: model=qwen2_5_0_5b strategy=zero3 trainer.max_steps=500
 -m/--multirun sweeps comma lists: bigscale train -m optim.lr=1e-4,3e-4"""
@@ -52,8 +54,13 @@ def _train(args: list[str]) -> int:
         header = f"job {i + 1}/{len(plans)}\n" if multirun else ""
         print(header + render(plan, with_memory=False), flush=True)
         code = launch(plan)
+        if code == BigscaleError.exit_code:
+            return code  # a user error: the rank has printed its one "error: ..." line
         if code != 0:
-            print(f"error: run failed with exit code {code}; see {plan.run_dir}/train.log", file=sys.stderr)
+            print(
+                f"error: run failed with exit code {code}; see {plan.run_dir}/train.log",
+                file=sys.stderr,
+            )
             return code
     return 0
 
@@ -70,12 +77,21 @@ def _plan(args: list[str]) -> int:
 
 def _export(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bigscale export")
-    parser.add_argument("source", type=Path, help="run directory")
+    parser.add_argument("source", type=Path, help="run directory or checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     ns = parser.parse_args(args)
     from bigscale.checkpoint.export import export_run
 
-    out = export_run(ns.source, ns.out)
+    try:
+        out = export_run(ns.source, ns.out)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as exc:
+        first = str(exc).splitlines()[0]
+        print(f"error: refusing to load {ns.source}: it holds objects other than tensors and "
+              f"plain data, which could run code ({first})", file=sys.stderr)
+        return 2
     print(f"exported {out}")
     return 0
 

@@ -42,3 +42,40 @@ def save_pretrained_dir(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+# The Hugging Face files (config, tokenizer) saved beside DeepSpeed's shards, so a checkpoint
+# can be exported on its own without the original model source.
+HF_SUBDIR = "hf"
+
+
+def find_checkpoint(source: Path) -> tuple[Path, str]:
+    """(checkpoint root, tag) for a run directory, a checkpoints/ folder or one checkpoint."""
+    source = Path(source)
+    for root in (source / "checkpoints", source):
+        latest = root / "latest"
+        if latest.is_file():
+            return root, latest.read_text().strip()
+    if any(source.glob("*model_states.pt")):
+        return source.parent, source.name
+    raise FileNotFoundError(
+        f"no checkpoint under {source}: expected a run directory (with checkpoints/latest), a "
+        "checkpoints/ folder, or a checkpoint directory holding *model_states.pt"
+    )
+
+
+def export_run(source: Path, out_dir: Path) -> Path:
+    """A checkpoint (any ZeRO stage) to a Hugging Face directory, on one CPU process."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from bigscale.dist.engine import load_consolidated_weights
+
+    root, tag = find_checkpoint(source)
+    hf_dir = root / tag / HF_SUBDIR
+    config = AutoConfig.from_pretrained(hf_dir)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    state = load_consolidated_weights(root, tag)
+    return save_pretrained_dir(model, state, tokenizer, out_dir)

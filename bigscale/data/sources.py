@@ -107,7 +107,9 @@ def _check_jsonl(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -> 
             if not line.strip():
                 continue  # the json builder skips blank lines too
             try:
-                row = json.loads(line)
+                # Without its newline, so that e.colno is a column of this line: a truncated
+                # line otherwise fails at "line 2, column 1" of the string.
+                row = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"{path}:{lineno}: malformed JSON ({e.msg}: column {e.colno}). "

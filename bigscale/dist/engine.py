@@ -222,6 +222,10 @@ class Engine:
             norm = self._manual_grad_norm
         return None if norm is None else float(norm)
 
+    def save_checkpoint(self, directory: Path, tag: str) -> None:
+        """DeepSpeed's sharded model + optimizer state (collective: every rank writes its part)."""
+        self._engine.save_checkpoint(str(directory), tag=tag)
+
     def parameter_counts(self) -> tuple[int, int]:
         """(parameters in the model, parameters stored on this rank): under ZeRO-3 each rank
         holds only its partition."""
@@ -243,3 +247,32 @@ class Engine:
         if torch.distributed.get_rank() != 0:
             return None
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+def load_consolidated_weights(checkpoint_root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, on the CPU.
+
+    Every file is unpickled with ``weights_only=True`` (forced, since DeepSpeed's converter asks
+    for full unpickling) with only DeepSpeed's plain data classes (loss scaler, stage enum, fragment address) allowed, so a tampered
+    checkpoint cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = Path(checkpoint_root) / tag
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            if any(tag_dir.glob("*optim_states.pt")):
+                return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
+            # ZeRO stage 0 keeps the whole module in one file.
+            states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
+            return {k: v.float() for k, v in states["module"].items()}
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+

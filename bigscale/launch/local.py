@@ -26,5 +26,10 @@ def launch(plan: Plan) -> int:
         from bigscale.train.run import main
 
         return main(plan.rank_overrides)
+    command = plan.command()
+    # The plan's torchrun command, run through torchrun's own code by a wrapper that ends a failed
+    # run with the failing rank's exit code instead of torchrun's traceback (see its docstring).
+    assert command[1:3] == ["-m", "torch.distributed.run"], command
+    wrapped = [command[0], "-m", "bigscale.launch.torchrun", *command[3:]]
     env = dict(os.environ)
-    return subprocess.run(plan.command(), env=env, check=False).returncode
+    return subprocess.run(wrapped, env=env, check=False).returncode

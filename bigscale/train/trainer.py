@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bigscale.checkpoint.export import save_pretrained_dir
+from bigscale.checkpoint.export import HF_SUBDIR, save_pretrained_dir
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.schema import TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
@@ -105,6 +105,7 @@ class Trainer:
         if self.task_examples:
             summary["exact_match_after"] = self.evaluate_task()
             log.info("held-out exact match after training: %.1f%%", 100 * summary["exact_match_after"])
+        self.save_checkpoint()
         if self.cfg.export.at_end:
             self.export(self.run_dir / "export")
         self.metrics.log({"step": self.step, **{f"final/{k}": v for k, v in summary.items()}})
@@ -157,6 +158,20 @@ class Trainer:
             assert state is not None
             save_pretrained_dir(self.engine.module, state, self.tokenizer, out_dir)
             log.info("exported Hugging Face model to %s", out_dir)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def save_checkpoint(self) -> None:
+        """DeepSpeed's shards plus the Hugging Face config and tokenizer, so ``bigscale export``
+        can turn the checkpoint into a model directory later."""
+        root = self.run_dir / "checkpoints"
+        tag = f"step_{self.step}"
+        self.engine.save_checkpoint(root, tag)
+        if self.env.is_main:
+            hf_dir = root / tag / HF_SUBDIR
+            self.engine.module.config.save_pretrained(hf_dir)
+            self.tokenizer.save_pretrained(hf_dir)
+            log.info("saved checkpoint %s", root / tag)
         if dist.is_initialized():
             dist.barrier()
 

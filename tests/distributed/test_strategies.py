@@ -87,3 +87,19 @@ def test_zero3_builds_the_model_partitioned(runs: dict[str, Path]) -> None:
     total2, local2 = stored("zero2")
     assert total3 == total2 == local2
     assert local3 <= total3 // 2 + 1024  # about half on each of the 2 ranks
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_export_command_matches_end_of_training_export(
+    runs: dict[str, Path], strategy: str, tmp_path: Path, bigscale_home: Path
+) -> None:
+    """`bigscale export RUN_DIR` rebuilds the model from DeepSpeed's shards alone."""
+    out = tmp_path / "exported"
+    proc = bigscale(["export", str(runs[strategy]), "--out", str(out)], tmp_path, bigscale_home)
+    assert proc.returncode == 0, explain(proc)
+    ours = load_file(out / "model.safetensors")
+    reference = load_file(runs[strategy] / "export" / "model.safetensors")
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, atol=0, rtol=0)
+    AutoModelForCausalLM.from_pretrained(out)

@@ -1,0 +1,38 @@
+"""``python -m bigscale.launch.torchrun [torchrun arguments]``: torchrun, failing by exit code.
+
+The local launcher runs the plan's ``torch.distributed.run`` arguments through torchrun's own
+``parse_args`` and ``run``, in this separate process (torchrun's agent installs signal handlers).
+The only difference is how a failed run ends: torchrun raises ``ChildFailedError``, which prints a
+traceback and a failure table after the rank's own message and exits 1. The ranks have already
+said what went wrong (one ``error:`` line for a user error, a traceback for a crash), so this exits
+with the first failing rank's code (128 + N for a rank killed by signal N) and adds nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # The agent's warnings and errors (the OMP_NUM_THREADS banner, "sending SIGTERM", "failed
+    # (exitcode: 2)") repeat what the ranks and the exit code already say. Only this process's
+    # logging is affected; the ranks log as before.
+    logging.disable(logging.ERROR)
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        _, failure = exc.get_first_failure()
+        return failure.exitcode if failure.exitcode > 0 else 128 + abs(failure.exitcode)
+    except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped
+        return 128 + int(exc.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
