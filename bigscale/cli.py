@@ -53,7 +53,7 @@ def _train(args: list[str]) -> int:
     for i, plan in enumerate(plans):
         header = f"job {i + 1}/{len(plans)}\n" if multirun else ""
         print(header + render(plan, with_memory=False), flush=True)
-        code = launch(plan)
+        code = launch(plan, isolated=len(plans) > 1)
         if code == BigscaleError.exit_code:
             return code  # a user error: the rank has printed its one "error: ..." line
         if code != 0:
@@ -89,8 +89,11 @@ def _export(args: list[str]) -> int:
         return 2
     except pickle.UnpicklingError as exc:
         first = str(exc).splitlines()[0]
-        print(f"error: refusing to load {ns.source}: it holds objects other than tensors and "
-              f"plain data, which could run code ({first})", file=sys.stderr)
+        print(
+            f"error: refusing to load {ns.source}: it holds objects other than tensors and "
+            f"plain data, which could run code ({first})",
+            file=sys.stderr,
+        )
         return 2
     print(f"exported {out}")
     return 0

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
 
 from omegaconf import MISSING
 
@@ -100,9 +99,9 @@ class TinyModelSpec:
 class ModelConfig:
     name_or_path: str = MISSING
     """Hub id (``meta-llama/Llama-3.2-1B``) or a local directory holding a Hugging Face model."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
-    tokenizer_name_or_path: Optional[str] = None
+    tokenizer_name_or_path: str | None = None
     """Tokenizer location when it differs from the model's."""
     dtype: ModelDType = ModelDType.auto
     """Weight dtype at load time; ``auto`` follows ``trainer.precision``."""
@@ -112,9 +111,9 @@ class ModelConfig:
     """Recompute activations in backward to save memory."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the repository."""
-    pad_token: Optional[str] = None
+    pad_token: str | None = None
     """Pad token to use when the tokenizer has none; by default the EOS token is reused."""
-    create_if_missing: Optional[TinyModelSpec] = None
+    create_if_missing: TinyModelSpec | None = None
     """When set and ``name_or_path`` does not exist, build a tiny model there first."""
 
 
@@ -124,11 +123,11 @@ class DataConfig:
     """Local file, glob or directory (json/jsonl/parquet/txt), or a hub dataset name."""
     format: DataFormat = DataFormat.auto
     """How to read ``path``."""
-    hub_config: Optional[str] = None
+    hub_config: str | None = None
     """Hub dataset configuration name."""
     split: str = "train"
     """Split to train on."""
-    validation_path: Optional[str] = None
+    validation_path: str | None = None
     """Separate validation file; when unset, ``validation_fraction`` of the data is held out."""
     validation_fraction: float = 0.05
     """Share of the training data held out for evaluation when there is no validation file."""
@@ -150,11 +149,11 @@ class DataConfig:
     """Concatenate examples into full ``max_length`` rows instead of padding each one."""
     num_proc: int = 1
     """Processes for tokenization."""
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     """Where tokenized data is cached; default ``<run_dir>/../.tokenized`` shared by runs."""
     generate_arithmetic: bool = False
-    """Write the built-in arithmetic task to ``path``/``validation_path``/``test_path`` if missing."""
-    test_path: Optional[str] = None
+    """Write the built-in arithmetic task to the path, validation and test files if missing."""
+    test_path: str | None = None
     """Held-out prompt/answer file for the exact-match task metric (``eval.exact_match``)."""
 
 
@@ -172,7 +171,7 @@ class StrategyConfig:
     """Overlap gradient reduction with backward."""
     reduce_bucket_size: int = 50_000_000
     """Elements per gradient-reduction bucket."""
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: str | None = None
     """Path to a DeepSpeed JSON merged over the generated config (escape hatch). Batch sizes,
     precision and clipping come from the bigscale config and may not be set here."""
 
@@ -186,7 +185,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    fused: Optional[bool] = None
+    fused: bool | None = None
     """Fused AdamW kernel; ``null`` means use it where available (CUDA)."""
     schedule: Schedule = Schedule.cosine
     """Learning-rate shape after warmup."""
@@ -206,7 +205,7 @@ class TrainerConfig:
     """Sequences per rank per forward pass."""
     grad_accum: int = 1
     """Micro batches accumulated per optimizer step."""
-    global_batch_size: Optional[int] = None
+    global_batch_size: int | None = None
     """Optional check: must equal micro_batch_size x grad_accum x data-parallel ranks."""
     precision: Precision = Precision.auto
     """Training precision."""
@@ -226,7 +225,7 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    exact_match: Optional[bool] = None
+    exact_match: bool | None = None
     """Greedy-generate answers for ``data.test_path`` before and after training and report the
     share that match exactly; ``null`` means on whenever ``data.test_path`` is set."""
     max_examples: int = 500
@@ -242,10 +241,10 @@ class LoggerConfig:
     mode: LoggerMode = LoggerMode.offline
     """W&B: online, offline (synced later with ``wandb sync``) or disabled."""
     project: str = "bigscale"
-    entity: Optional[str] = None
-    name: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None
     """W&B run name; default is the run directory's name."""
-    group: Optional[str] = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -269,7 +268,7 @@ class ExportConfig:
 class TrainConfig:
     experiment: str = "default"
     """Name used for the default run directory and the W&B group."""
-    run_dir: Optional[str] = None
+    run_dir: str | None = None
     """Run directory; default ``outputs/<experiment>/<timestamp>``. Fixed once by the launcher."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

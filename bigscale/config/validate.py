@@ -136,7 +136,9 @@ def _check_user_deepspeed_json(path: Path) -> None:
     try:
         user = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}:{exc.lineno}: invalid JSON in strategy.deepspeed_config ({exc.msg})") from None
+        raise ConfigError(
+            f"{path}:{exc.lineno}: invalid JSON in strategy.deepspeed_config ({exc.msg})"
+        ) from None
     clashes = sorted(set(user) & set(DERIVED_DEEPSPEED_KEYS))
     if clashes:
         where = "; ".join(f"{k} -> {DERIVED_DEEPSPEED_KEYS[k]}" for k in clashes)

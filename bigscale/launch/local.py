@@ -20,13 +20,19 @@ def prepare(plan: Plan) -> None:
     (plan.run_dir / "config.yaml").write_text(to_yaml(plan.cfg))
 
 
-def launch(plan: Plan) -> int:
-    """Returns the exit code of the run (the first failing rank's, under torchrun)."""
-    if plan.in_process:
+def launch(plan: Plan, isolated: bool = False) -> int:
+    """Returns the exit code of the run (the first failing rank's, under torchrun).
+
+    ``isolated`` runs even a single rank as its own process, for the jobs of a sweep: DeepSpeed
+    keeps process groups in module globals that outlive ``destroy_process_group``, so a second
+    run in the same interpreter fails, and a first run's CUDA memory would stay held."""
+    if plan.in_process and not isolated:
         from bigscale.train.run import main
 
         return main(plan.rank_overrides)
     command = plan.command()
+    if plan.in_process:
+        return subprocess.run(command, env=dict(os.environ), check=False).returncode
     # The plan's torchrun command, run through torchrun's own code by a wrapper that ends a failed
     # run with the failing rank's exit code instead of torchrun's traceback (see its docstring).
     assert command[1:3] == ["-m", "torch.distributed.run"], command

@@ -16,7 +16,6 @@ from bigscale.config.validate import Hardware, resolve_nproc, resolve_precision,
 from bigscale.launch.memory import MemoryEstimate, count_parameters, estimate
 from bigscale.train.rundir import default_run_dir
 
-
 _PLAIN_VALUE = re.compile(r"^[\w/.:~+@-]+$")
 
 

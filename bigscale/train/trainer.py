@@ -81,14 +81,19 @@ class Trainer:
         summary: dict[str, float] = {}
         if self.task_examples:
             summary["exact_match_before"] = self.evaluate_task()
-            log.info("held-out exact match before training: %.1f%%", 100 * summary["exact_match_before"])
+            log.info(
+                "held-out exact match before training: %.1f%%", 100 * summary["exact_match_before"]
+            )
         bar = ProgressBar(self.cfg.trainer.max_steps, self.step, self._show_progress())
         batches = self._batches()
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < self.cfg.trainer.max_steps:
             stats = self.train_step(batches)
             window_tokens += stats.tokens
-            if self.step % self.cfg.trainer.log_every == 0 or self.step == self.cfg.trainer.max_steps:
+            if (
+                self.step % self.cfg.trainer.log_every == 0
+                or self.step == self.cfg.trainer.max_steps
+            ):
                 row = self._train_row(stats, window_tokens, time.perf_counter() - window_start)
                 self.metrics.log(row)
                 bar.update(self.step, row)
@@ -101,10 +106,17 @@ class Trainer:
         final = self.evaluate()
         summary.update(final)
         self.metrics.log({"step": self.step, **final})
-        log.info("step %d: eval_loss %.4f, perplexity %.2f", self.step, final["eval_loss"], final["eval_ppl"])
+        log.info(
+            "step %d: eval_loss %.4f, perplexity %.2f",
+            self.step,
+            final["eval_loss"],
+            final["eval_ppl"],
+        )
         if self.task_examples:
             summary["exact_match_after"] = self.evaluate_task()
-            log.info("held-out exact match after training: %.1f%%", 100 * summary["exact_match_after"])
+            log.info(
+                "held-out exact match after training: %.1f%%", 100 * summary["exact_match_after"]
+            )
         self.save_checkpoint()
         if self.cfg.export.at_end:
             self.export(self.run_dir / "export")
@@ -182,7 +194,9 @@ class Trainer:
             self.epoch += 1
 
     def _train_row(self, stats: StepStats, window_tokens: int, seconds: float) -> dict[str, float]:
-        reduced = self._all_reduce_sum(torch.tensor([stats.loss, float(window_tokens)], dtype=torch.float64))
+        reduced = self._all_reduce_sum(
+            torch.tensor([stats.loss, float(window_tokens)], dtype=torch.float64)
+        )
         step_tokens = int(reduced[1])
         self.tokens_seen += step_tokens
         row: dict[str, float] = {

@@ -26,7 +26,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
     for strategy in STRATEGIES:
         run_dir = work / strategy
         proc = bigscale(
-            ["train", f"strategy={strategy}", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK],
+            [
+                "train",
+                f"strategy={strategy}",
+                "launcher.nproc_per_node=2",
+                f"run_dir={run_dir}",
+                *QUICK,
+            ],
             cwd=work,
             home=bigscale_home,
         )

@@ -27,8 +27,13 @@ def _plant(tmp_path: Path) -> tuple[Path, Path]:
     (run / "checkpoints" / "latest").write_text("step_1")
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                vocab_size=104).save_pretrained(tag / "hf")
+    LlamaConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=104,
+    ).save_pretrained(tag / "hf")
     build_char_tokenizer().save_pretrained(tag / "hf")
     marker = tmp_path / "pwned"
     with (tag / "mp_rank_00_model_states.pt").open("wb") as f:

@@ -1,0 +1,63 @@
+"""The default job end to end, exactly as `make train` runs it: no overrides, 2 ranks, ZeRO-2,
+a tiny Llama-style model created locally, the arithmetic task, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cli import bigscale, explain, metrics, train_rows
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path):
+    work = tmp_path_factory.mktemp("default_job")
+    proc = bigscale(["train"], cwd=work, home=bigscale_home, timeout=900)
+    assert proc.returncode == 0, explain(proc)
+    # One run directory; the shared tokenization cache sits beside it as a hidden folder.
+    (run_dir,) = [p for p in (work / "outputs" / "arithmetic").iterdir() if p.name[0] != "."]
+    return proc, run_dir
+
+
+def _percent(pattern: str, text: str) -> float:
+    found = re.search(pattern + r": ([\d.]+)%", text)
+    assert found, text[-3000:]
+    return float(found[1])
+
+
+def test_reports_metric_before_and_after_and_learns_the_task(default_run) -> None:
+    proc, run_dir = default_run
+    before = _percent("exact match before training", proc.stderr)
+    after = _percent("exact match after training", proc.stderr)
+    assert before < 20.0
+    assert after >= 80.0
+    final = metrics(run_dir)[-1]
+    assert final["final/exact_match_after"] == pytest.approx(after / 100, abs=1e-3)
+
+
+def test_run_directory_contract(default_run) -> None:
+    _, run_dir = default_run
+    assert (run_dir / "train.log").is_file()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["strategy"]["zero_stage"] == 2 and config["run_dir"] == str(run_dir)
+    rows = train_rows(run_dir)
+    assert rows[-1]["step"] == 1000
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    evals = [r for r in metrics(run_dir) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [250, 500, 750, 1000]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1000"
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_wandb_offline_run_has_summary(default_run) -> None:
+    _, run_dir = default_run
+    (summary,) = (run_dir / "wandb").glob("offline-run-*/files/wandb-summary.json")
+    data = json.loads(summary.read_text())
+    assert data["final/exact_match_after"] >= 0.8
