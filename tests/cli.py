@@ -11,7 +11,8 @@ from pathlib import Path
 # Short, fast settings for runs whose point is the plumbing, not the accuracy.
 QUICK = [
     "trainer.max_steps=24",
-    "trainer.micro_batch_size=16",
+    "trainer.micro_batch_size=8",
+    "trainer.grad_accum=2",
     "trainer.log_every=4",
     "trainer.eval_every=12",
     "trainer.eval_batches=2",

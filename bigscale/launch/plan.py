@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigscale.config.redact import redact_text
 from bigscale.config.schema import Precision, TrainConfig
 from bigscale.config.validate import Hardware, resolve_nproc, resolve_precision, validate
 from bigscale.launch.memory import MemoryEstimate, count_parameters, estimate
@@ -136,5 +137,5 @@ def render(plan: Plan, with_memory: bool = True) -> str:
             )
         else:
             lines.append(f"memory/GPU      {mem}")
-    lines.append(f"command         {shlex.join(plan.command())}")
+    lines.append(f"command         {redact_text(shlex.join(plan.command()))}")
     return "\n".join(lines)

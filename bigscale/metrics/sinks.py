@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from bigscale.config.redact import redact
+from bigscale.config.redact import redact, redact_text
 from bigscale.config.schema import LoggerConfig, LoggerMode
 from bigscale.logging import get_logger
 
@@ -38,13 +39,23 @@ class WandbSink:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]):
         import wandb
 
-        self._wandb = wandb
-        self.run = wandb.init(
+        # W&B records the command line as run metadata; it may carry a token given as an
+        # override, so it sees a redacted copy.
+        argv = sys.argv
+        sys.argv = [redact_text(a) for a in argv]
+        try:
+            self.run = self._init(wandb, cfg, run_dir, config)
+        finally:
+            sys.argv = argv
+
+    @staticmethod
+    def _init(wandb: Any, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]) -> Any:
+        return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            name=cfg.name or run_dir.name,
-            group=cfg.group,
-            tags=list(cfg.tags),
+            name=redact_text(cfg.name or run_dir.name),
+            group=redact_text(cfg.group) if cfg.group else None,
+            tags=[redact_text(t) for t in cfg.tags],
             config=redact(config),
             dir=str(run_dir),
             mode=cfg.mode.value,

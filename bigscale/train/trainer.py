@@ -43,6 +43,7 @@ class Trainer:
         self.data = build_datasets(
             cfg.data, self.tokenizer, env, cfg.trainer.seed, self._tokenized_cache_dir()
         )
+        self._log_data_report()
         self.train_loader, self.sampler = build_loader(
             self.data.train,
             self.data.collate,
@@ -186,6 +187,23 @@ class Trainer:
             log.info("saved checkpoint %s", root / tag)
         if dist.is_initialized():
             dist.barrier()
+
+    def _log_data_report(self) -> None:
+        r = self.data.report
+        log.info(
+            "data: %d of %d training examples kept (%d truncated to data.max_length=%d, %d "
+            "dropped as too long, %d dropped with no loss tokens); %s tokens, %s with loss; "
+            "%d validation examples",
+            r.examples_out,
+            r.examples_in,
+            r.truncated,
+            self.cfg.data.max_length,
+            r.dropped_overlong,
+            r.dropped_no_loss,
+            f"{r.tokens:,}",
+            f"{r.loss_tokens:,}",
+            len(self.data.validation),
+        )
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:

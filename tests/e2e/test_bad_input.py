@@ -1,0 +1,136 @@
+"""Bad input fails the way a user can act on: exit code 2, one ``error:`` line on stderr that
+names the problem, no traceback, and nothing trained. Most mistakes are caught by the launcher
+before any rank starts; a dataset that tokenization empties is found inside the ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cli import bigscale, explain
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT = 180  # a hang (say, one rank waiting on another that died) fails instead of blocking
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Exit 2, exactly one ``error:`` line, no traceback; returns the message (from ``error:``
+    to the end of stderr, as some messages continue on further lines)."""
+    assert proc.returncode == 2, explain(proc)
+    assert "Traceback" not in proc.stderr, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, explain(proc)
+    message = proc.stderr[proc.stderr.index("error:") :]
+    for fragment in fragments:
+        assert fragment in message, explain(proc)
+    return message
+
+
+def write_jsonl(path: Path, rows: list[dict], broken_line: int | None = None) -> Path:
+    lines = [json.dumps(row) for row in rows]
+    if broken_line is not None:
+        lines[broken_line - 1] = lines[broken_line - 1][:-5]  # cut off mid-object
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pairs(n: int = 10, response: str | None = None) -> list[dict]:
+    return [{"prompt": f"{i}+1=", "response": response or str(i + 1)} for i in range(n)]
+
+
+def sft_files(path: Path) -> list[str]:
+    return [
+        "data=sft_files",
+        f"data.path={path}",
+        "data.validation_fraction=0.2",
+        "data.test_path=null",
+        "logger=disabled",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        pytest.param(
+            ["trainer.max_stepz=5"],
+            ["trainer.max_stepz", "did you mean max_steps?"],
+            id="unknown-key",
+        ),
+        pytest.param(
+            ["trainer.micro_batch_size=abc"],
+            ["trainer.micro_batch_size", "'abc'", "could not be converted to Integer"],
+            id="wrong-type",
+        ),
+        pytest.param(
+            ["trainer.global_batch_size=100"],
+            ["impossible batch math", "trainer.global_batch_size=100", "x 2 data-parallel ranks"],
+            id="batch-math",
+        ),
+        pytest.param(
+            ["model.name_or_path=/nonexistent/model", "model.create_if_missing=null"],
+            ["model.name_or_path=/nonexistent/model does not exist"],
+            id="missing-model",
+        ),
+    ],
+)
+def test_config_error(
+    overrides: list[str], fragments: list[str], tmp_path: Path, bigscale_home: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    proc = bigscale(
+        ["train", *overrides, f"run_dir={run_dir}"], tmp_path, bigscale_home, timeout=TIMEOUT
+    )
+    assert_user_error(proc, *fragments)
+    assert not run_dir.exists(), "a pre-flight error must not create the run directory"
+
+
+def test_malformed_json_line(tmp_path: Path, bigscale_home: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", pairs(), broken_line=3)
+    run_dir = tmp_path / "run"
+    proc = bigscale(
+        ["train", *sft_files(data), f"run_dir={run_dir}"], tmp_path, bigscale_home, TIMEOUT
+    )
+    assert_user_error(proc, f"{data}:3:", "malformed JSON")
+    assert not run_dir.exists(), "a pre-flight error must not create the run directory"
+
+
+def test_missing_field_lists_columns(tmp_path: Path, bigscale_home: Path) -> None:
+    rows = [{"question": r["prompt"], "answer": r["response"]} for r in pairs()]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    run_dir = tmp_path / "run"
+    proc = bigscale(
+        ["train", *sft_files(data), f"run_dir={run_dir}"], tmp_path, bigscale_home, TIMEOUT
+    )
+    assert_user_error(
+        proc,
+        "data.prompt_field='prompt' is not a column of",
+        str(data),
+        "columns found: ['question', 'answer']",
+    )
+    assert not run_dir.exists(), "a pre-flight error must not create the run directory"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_dataset_empty_after_filtering(nproc: int, tmp_path: Path, bigscale_home: Path) -> None:
+    """Every response is longer than max_length and overlong examples are dropped: only
+    tokenization, inside the ranks, can tell. On 2 ranks the other rank must not hang waiting for
+    rank 0, and the message is printed once, not once per rank."""
+    data = write_jsonl(tmp_path / "train.jsonl", pairs(response="x" * 40))
+    run_dir = tmp_path / "run"
+    overrides = [
+        *sft_files(data),
+        "data.overlong=drop",
+        "data.max_length=8",
+        f"launcher.nproc_per_node={nproc}",
+        f"run_dir={run_dir}",
+    ]
+    proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
+    assert_user_error(
+        proc, "dataset is empty after filtering", "longer than data.max_length=8", "data.overlong"
+    )
+    assert proc.stderr.count("empty after filtering") == 1, explain(proc)
+    assert not (run_dir / "metrics.jsonl").exists()
