@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-# Short, fast settings for runs whose point is the plumbing, not the accuracy.
+import psutil
+
+# Short, fast settings for runs whose point is the plumbing, not the accuracy. The model has
+# dropout on, so exact-resume tests also prove every rank's random state is restored.
 QUICK = [
+    "model.name_or_path=${oc.env:BIGSCALE_HOME}/models/tiny-dropout",
+    "model.create_if_missing.dropout=0.1",
     "trainer.max_steps=24",
     "trainer.micro_batch_size=8",
     "trainer.grad_accum=2",
-    "trainer.log_every=4",
+    "trainer.log_every=2",
+    "checkpoint.every_steps=8",
     "trainer.eval_every=12",
     "trainer.eval_batches=2",
     "trainer.progress_bar=false",
@@ -53,6 +61,34 @@ def torchrun(
     return subprocess.run(
         cmd, cwd=cwd, env=env_for(home), capture_output=True, text=True, timeout=timeout
     )
+
+
+def start(args: list[str], cwd: Path, home: Path) -> subprocess.Popen[bytes]:
+    """``bigscale`` in the background, for a test to SIGKILL mid-run."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigscale.cli", *args],
+        cwd=cwd,
+        env=env_for(home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def kill_after_checkpoint(proc: subprocess.Popen[bytes], run_dir: Path, tag: str) -> None:
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.is_file() and latest.read_text().strip() == tag:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(0.3)  # into the next steps (or the next save): any moment must be survivable
+    # torchrun starts each rank in a session of its own, so kill the whole tree explicitly.
+    tree = psutil.Process(proc.pid)
+    for p in [tree, *tree.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
 
 
 def metrics(run_dir: Path) -> list[dict]:

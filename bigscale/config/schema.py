@@ -91,6 +91,8 @@ class TinyModelSpec:
     """MLP width."""
     max_position_embeddings: int = 256
     """Longest sequence the model is built for."""
+    dropout: float = 0.0
+    """Attention dropout probability."""
     seed: int = 0
     """Seed for the random initial weights."""
 
@@ -259,6 +261,21 @@ class LauncherConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (0: only at the end of training)."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (0: off)."""
+    keep_last: int = 2
+    """Complete checkpoints to keep; older ones are deleted (0 keeps all). The newest complete
+    checkpoint is never deleted."""
+    verify: bool = True
+    """Check every file's checksum before resuming, not only its size."""
+    allow_config_change: bool = False
+    """Resume even when the model, data or batch settings differ from the checkpoint's."""
+
+
+@dataclass
 class ExportConfig:
     at_end: bool = True
     """Write a Hugging Face model directory to ``<run_dir>/export`` when training ends."""
@@ -270,6 +287,9 @@ class TrainConfig:
     """Name used for the default run directory and the W&B group."""
     run_dir: str | None = None
     """Run directory; default ``outputs/<experiment>/<timestamp>``. Fixed once by the launcher."""
+    resume: str = "auto"
+    """``auto``: continue from the newest complete checkpoint in the run directory, if any;
+    ``never``: refuse to start if the run directory holds checkpoints; or a checkpoint path."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -278,4 +298,5 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

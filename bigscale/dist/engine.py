@@ -223,8 +223,17 @@ class Engine:
         return None if norm is None else float(norm)
 
     def save_checkpoint(self, directory: Path, tag: str) -> None:
-        """DeepSpeed's sharded model + optimizer state (collective: every rank writes its part)."""
-        self._engine.save_checkpoint(str(directory), tag=tag)
+        """DeepSpeed's sharded model + optimizer + lr-schedule state (collective: every rank
+        writes its part). ``latest`` is bigscale's to move, after the checkpoint is complete."""
+        self._engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+    def load_checkpoint(self, directory: Path, tag: str) -> None:
+        with weights_only_loading():
+            path, _ = self._engine.load_checkpoint(
+                str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint at {Path(directory) / tag}")
 
     def parameter_counts(self) -> tuple[int, int]:
         """(parameters in the model, parameters stored on this rank): under ZeRO-3 each rank
@@ -249,30 +258,36 @@ class Engine:
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
 
 
-def load_consolidated_weights(checkpoint_root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, on the CPU.
-
-    Every file is unpickled with ``weights_only=True`` (forced, since DeepSpeed's converter asks
-    for full unpickling) with only DeepSpeed's plain data classes (loss scaler, stage enum, fragment address) allowed, so a tampered
-    checkpoint cannot run code."""
+@contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Every ``torch.load`` inside, DeepSpeed's included, unpickles with ``weights_only=True``
+    (DeepSpeed asks for full unpickling), with only DeepSpeed's plain data classes (loss scaler,
+    stage enum, fragment address) allowed, so a tampered checkpoint cannot run code."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag_dir = Path(checkpoint_root) / tag
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
         with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            if any(tag_dir.glob("*optim_states.pt")):
-                return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
-            # ZeRO stage 0 keeps the whole module in one file.
-            states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
-            return {k: v.float() for k, v in states["module"].items()}
+            yield
     finally:
         if previous is None:
             del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
+
+def load_consolidated_weights(checkpoint_root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, on the CPU, loaded
+    without unpickling anything but tensors and plain data."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = Path(checkpoint_root) / tag
+    with weights_only_loading():
+        if any(tag_dir.glob("*optim_states.pt")):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
+        # ZeRO stage 0 keeps the whole module in one file.
+        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
+        return {k: v.float() for k, v in states["module"].items()}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -22,9 +23,20 @@ log = get_logger(__name__)
 
 
 class JsonlSink:
-    """One JSON object per line; appended so a resumed run continues the same file."""
+    """One JSON object per line. A resumed run continues the same file from the checkpoint's
+    step: rows a killed attempt logged after that step are dropped first, so every step appears
+    once, as the run that survived logged it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resumed_at: int = 0):
+        if path.is_file():
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resumed_at
+            ]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
         self._file = path.open("a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
@@ -104,11 +116,12 @@ class MetricsLogger:
         cfg: LoggerConfig,
         config: dict[str, Any],
         is_main: bool,
+        resumed_at: int = 0,
     ):
         self._sinks: list[JsonlSink | WandbSink] = []
         if not is_main:
             return
-        self._sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        self._sinks.append(JsonlSink(run_dir / "metrics.jsonl", resumed_at))
         if cfg.mode != LoggerMode.disabled:
             self._sinks.append(WandbSink(cfg, run_dir, config))
 

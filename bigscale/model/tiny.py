@@ -58,6 +58,7 @@ def create_tiny_model(path: Path, spec: TinyModelSpec) -> None:
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_heads,
         max_position_embeddings=spec.max_position_embeddings,
+        attention_dropout=spec.dropout,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -11,7 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bigscale.checkpoint.compat import changes, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, save_pretrained_dir
+from bigscale.checkpoint.manager import META, CheckpointError, CheckpointManager
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.schema import TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
@@ -22,6 +25,8 @@ from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.model.load import load_model, load_tokenizer
 from bigscale.train import task_eval
+from bigscale.train.state import TrainState
+from bigscale.versions import package_versions
 
 log = get_logger(__name__)
 
@@ -72,15 +77,38 @@ class Trainer:
         # Dropout masks differ per rank; data order comes from the sampler's own seed.
         torch.manual_seed(cfg.trainer.seed + env.rank)
 
-        self.metrics = MetricsLogger(run_dir, cfg.logger, to_plain_dict(cfg), env.is_main)
+        self.state = TrainState()
+        self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
+        self.resume()
+        self.metrics = MetricsLogger(
+            run_dir, cfg.logger, to_plain_dict(cfg), env.is_main, resumed_at=self.state.step
+        )
         self.task_examples = self._task_examples()
-        self.step = 0
-        self.epoch = 0
-        self.tokens_seen = 0
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def resume(self) -> None:
+        """Continue from the checkpoint ``resume`` selects, refusing one whose model, data or
+        batch settings differ unless that is declared intended."""
+        point = self.checkpoints.resume_point(self.cfg.resume)
+        if point is None:
+            return
+        saved = json.loads((point / META).read_text()).get("fingerprint", {})
+        changed = changes(saved, fingerprint(self.cfg, self.env.world_size))
+        if changed and not self.cfg.checkpoint.allow_config_change:
+            raise CheckpointError(
+                f"refusing to resume from {point}: the run's settings changed ("
+                + "; ".join(changed)
+                + "). Use a new run_dir, or set checkpoint.allow_config_change=true if intended."
+            )
+        self.checkpoints.load(point, self.engine, self.state)
+        log.info("resumed from %s at step %d (epoch %d)", point, self.step, self.state.epoch)
 
     def fit(self) -> dict[str, float]:
         summary: dict[str, float] = {}
-        if self.task_examples:
+        if self.task_examples and self.step == 0:
             summary["exact_match_before"] = self.evaluate_task()
             log.info(
                 "held-out exact match before training: %.1f%%", 100 * summary["exact_match_before"]
@@ -103,6 +131,7 @@ class Trainer:
                 bar.update(self.step)
             if self._eval_due():
                 self.metrics.log({"step": self.step, **self.evaluate()})
+            self.save_checkpoint(force=False)
         bar.close()
         final = self.evaluate()
         summary.update(final)
@@ -118,7 +147,7 @@ class Trainer:
             log.info(
                 "held-out exact match after training: %.1f%%", 100 * summary["exact_match_after"]
             )
-        self.save_checkpoint()
+        self.save_checkpoint(force=True)
         if self.cfg.export.at_end:
             self.export(self.run_dir / "export")
         self.metrics.log({"step": self.step, **{f"final/{k}": v for k, v in summary.items()}})
@@ -136,7 +165,7 @@ class Trainer:
             self.engine.step()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
-        self.step += 1
+        self.state.step += 1
         return StepStats(loss=loss_sum / self.cfg.trainer.grad_accum, tokens=tokens)
 
     @torch.no_grad()
@@ -174,19 +203,21 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
 
-    def save_checkpoint(self) -> None:
-        """DeepSpeed's shards plus the Hugging Face config and tokenizer, so ``bigscale export``
-        can turn the checkpoint into a model directory later."""
-        root = self.run_dir / "checkpoints"
-        tag = f"step_{self.step}"
-        self.engine.save_checkpoint(root, tag)
-        if self.env.is_main:
-            hf_dir = root / tag / HF_SUBDIR
-            self.engine.module.config.save_pretrained(hf_dir)
-            self.tokenizer.save_pretrained(hf_dir)
-            log.info("saved checkpoint %s", root / tag)
-        if dist.is_initialized():
-            dist.barrier()
+    def save_checkpoint(self, force: bool) -> None:
+        """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps
+        the Hugging Face config and tokenizer, so ``bigscale export`` needs nothing else."""
+        meta = {
+            "step": self.step,
+            "fingerprint": fingerprint(self.cfg, self.env.world_size),
+            "versions": package_versions(),
+        }
+        self.checkpoints.save(
+            self.step, self.engine, self.state, meta, self._write_hf_files, force=force
+        )
+
+    def _write_hf_files(self, directory: Path) -> None:
+        self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
+        self.tokenizer.save_pretrained(directory / HF_SUBDIR)
 
     def _log_data_report(self) -> None:
         r = self.data.report
@@ -206,23 +237,32 @@ class Trainer:
         )
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro batches forever, epoch after epoch, starting where the state says (a resumed
+        run continues mid-epoch, skipping nothing and repeating nothing)."""
+        pos, mbs = self.state, self.cfg.trainer.micro_batch_size
         while True:
-            self.sampler.set_epoch(self.epoch)
-            yield from self.train_loader
-            self.epoch += 1
+            if pos.batches_in_epoch * mbs >= len(self.sampler):
+                pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
+            self.sampler.load_state_dict(
+                {"epoch": pos.epoch, "consumed": pos.batches_in_epoch * mbs}
+            )
+            for batch in self.train_loader:
+                pos.batches_in_epoch += 1
+                yield batch
+            pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
 
     def _train_row(self, stats: StepStats, window_tokens: int, seconds: float) -> dict[str, float]:
         reduced = self._all_reduce_sum(
             torch.tensor([stats.loss, float(window_tokens)], dtype=torch.float64)
         )
         step_tokens = int(reduced[1])
-        self.tokens_seen += step_tokens
+        self.state.tokens_seen += step_tokens
         row: dict[str, float] = {
             "step": self.step,
             "loss": float(reduced[0]) / self.env.world_size,
             "lr": self.engine.lr,
             "tokens_per_s": step_tokens / max(seconds, 1e-9),
-            "epoch": self.epoch,
+            "epoch": self.state.epoch,
         }
         if self.engine.grad_norm is not None:
             row["grad_norm"] = self.engine.grad_norm

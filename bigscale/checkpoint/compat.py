@@ -1,0 +1,39 @@
+"""Which settings a checkpoint may not silently change on resume.
+
+A different model, dataset, sequence shaping, global batch, ZeRO stage or seed would make the
+resumed run something other than a continuation; the user gets the list of what changed and
+can say it is intended with ``checkpoint.allow_config_change=true``. Other settings (max_steps,
+logging, eval cadence) may change freely."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bigscale.config.schema import TrainConfig
+
+
+def fingerprint(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    t = cfg.trainer
+    return {
+        "model.name_or_path": cfg.model.name_or_path,
+        "model.revision": cfg.model.revision,
+        "data.path": cfg.data.path,
+        "data.style": cfg.data.style.value,
+        "data.max_length": cfg.data.max_length,
+        "data.packing": cfg.data.packing,
+        "global batch (micro_batch_size x grad_accum x ranks)": t.micro_batch_size
+        * t.grad_accum
+        * world_size,
+        "trainer.micro_batch_size": t.micro_batch_size,
+        "trainer.grad_accum": t.grad_accum,
+        "strategy.zero_stage": cfg.strategy.zero_stage,
+        "trainer.seed": t.seed,
+    }
+
+
+def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [
+        f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
+        for key, value in current.items()
+        if key in saved and saved[key] != value
+    ]
