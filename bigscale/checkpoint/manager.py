@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -220,9 +221,15 @@ class CheckpointManager:
                 f"{self.env.world_size}; resuming on a different number of ranks is not "
                 "supported yet: use the same launcher.nproc_per_node"
             )
-        sharded.load_checkpoint(checkpoint.parent, checkpoint.name)
         own = checkpoint / f"train_state_rank{self.env.rank:05d}.pt"
-        state.load_state_dict(torch.load(own, map_location="cpu", weights_only=True))
+        try:
+            sharded.load_checkpoint(checkpoint.parent, checkpoint.name)
+            state.load_state_dict(torch.load(own, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"refusing to load {checkpoint}: it holds objects other than tensors and plain "
+                f"data, which could run code ({str(exc).splitlines()[0]})"
+            ) from None
         return meta
 
 
