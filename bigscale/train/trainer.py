@@ -77,7 +77,9 @@ class Trainer:
         # Dropout masks differ per rank; data order comes from the sampler's own seed.
         torch.manual_seed(cfg.trainer.seed + env.rank)
 
-        self.state = TrainState()
+        self.state = TrainState(
+            world_size=env.world_size, micro_batch_size=cfg.trainer.micro_batch_size
+        )
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
         self.resume()
         self.metrics = MetricsLogger(
@@ -103,56 +105,52 @@ class Trainer:
                 + "; ".join(changed)
                 + "). Use a new run_dir, or set checkpoint.allow_config_change=true if intended."
             )
-        self.checkpoints.load(point, self.engine, self.state)
+        meta = self.checkpoints.load(point, self.engine, self.state)
         log.info("resumed from %s at step %d (epoch %d)", point, self.step, self.state.epoch)
+        if meta["world_size"] != self.env.world_size:
+            log.info(
+                "the checkpoint was written by %d ranks, this run has %d: model and optimizer "
+                "state re-partitioned, data continues after sample %d of epoch %d",
+                meta["world_size"],
+                self.env.world_size,
+                self.state.samples_in_epoch,
+                self.state.epoch,
+            )
 
     def fit(self) -> dict[str, float]:
         summary: dict[str, float] = {}
         if self.task_examples and self.step == 0:
-            summary["exact_match_before"] = self.evaluate_task()
-            log.info(
-                "held-out exact match before training: %.1f%%", 100 * summary["exact_match_before"]
-            )
-        bar = ProgressBar(self.cfg.trainer.max_steps, self.step, self._show_progress())
-        batches = self._batches()
-        window_tokens, window_start = 0, time.perf_counter()
-        while self.step < self.cfg.trainer.max_steps:
-            stats = self.train_step(batches)
-            window_tokens += stats.tokens
-            if (
-                self.step % self.cfg.trainer.log_every == 0
-                or self.step == self.cfg.trainer.max_steps
-            ):
-                row = self._train_row(stats, window_tokens, time.perf_counter() - window_start)
-                self.metrics.log(row)
-                bar.update(self.step, row)
-                window_tokens, window_start = 0, time.perf_counter()
-            else:
-                bar.update(self.step)
-            if self._eval_due():
-                self.metrics.log({"step": self.step, **self.evaluate()})
-            self.save_checkpoint(force=False)
-        bar.close()
-        final = self.evaluate()
-        summary.update(final)
-        self.metrics.log({"step": self.step, **final})
-        log.info(
-            "step %d: eval_loss %.4f, perplexity %.2f",
-            self.step,
-            final["eval_loss"],
-            final["eval_ppl"],
-        )
+            summary["exact_match_before"] = self._report_task_metric("before")
+        self.train_loop()
+        summary.update(self._report_final_eval())
         if self.task_examples:
-            summary["exact_match_after"] = self.evaluate_task()
-            log.info(
-                "held-out exact match after training: %.1f%%", 100 * summary["exact_match_after"]
-            )
+            summary["exact_match_after"] = self._report_task_metric("after")
         self.save_checkpoint(force=True)
         if self.cfg.export.at_end:
             self.export(self.run_dir / "export")
         self.metrics.log({"step": self.step, **{f"final/{k}": v for k, v in summary.items()}})
         self.metrics.close()
         return summary
+
+    def train_loop(self) -> None:
+        """Steps until ``max_steps``, logging, evaluating and checkpointing on their cadence."""
+        t = self.cfg.trainer
+        bar = ProgressBar(t.max_steps, self.step, self._show_progress())
+        batches = self._batches()
+        window_tokens, window_start = 0, time.perf_counter()
+        while self.step < t.max_steps:
+            stats = self.train_step(batches)
+            window_tokens += stats.tokens
+            row = None
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                row = self._train_row(stats, window_tokens, time.perf_counter() - window_start)
+                self.metrics.log(row)
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(self.step, row)
+            if self._eval_due():
+                self.metrics.log({"step": self.step, **self.evaluate()})
+            self.save_checkpoint(force=False)
+        bar.close()
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
         """One optimizer step: ``grad_accum`` micro batches, then clip + step (inside DeepSpeed)."""
@@ -193,6 +191,22 @@ class Trainer:
             self.env,
             synced=self.engine.zero_stage == 3 and self.env.world_size > 1,
         )
+
+    def _report_task_metric(self, when: str) -> float:
+        value = self.evaluate_task()
+        log.info("held-out exact match %s training: %.1f%%", when, 100 * value)
+        return value
+
+    def _report_final_eval(self) -> dict[str, float]:
+        final = self.evaluate()
+        self.metrics.log({"step": self.step, **final})
+        log.info(
+            "step %d: eval_loss %.4f, perplexity %.2f",
+            self.step,
+            final["eval_loss"],
+            final["eval_ppl"],
+        )
+        return final
 
     def export(self, out_dir: Path) -> None:
         state = self.engine.gathered_state_dict()
@@ -237,19 +251,25 @@ class Trainer:
         )
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro batches forever, epoch after epoch, starting where the state says (a resumed
-        run continues mid-epoch, skipping nothing and repeating nothing)."""
-        pos, mbs = self.state, self.cfg.trainer.micro_batch_size
+        """Micro batches forever, epoch after epoch, starting where the state says: a resumed
+        run continues mid-epoch right after the last sample all ranks had taken, on any number
+        of ranks, skipping nothing and repeating nothing."""
+        pos, mbs, ranks = self.state, self.cfg.trainer.micro_batch_size, self.env.world_size
         while True:
-            if pos.batches_in_epoch * mbs >= len(self.sampler):
-                pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
-            self.sampler.load_state_dict(
-                {"epoch": pos.epoch, "consumed": pos.batches_in_epoch * mbs}
-            )
+            start = pos.samples_in_epoch
+            self.sampler.load_state_dict({"epoch": pos.epoch, "start": start, "consumed": 0})
+            share = len(self.sampler)  # what each rank takes of the rest of the epoch
+            if start and not share:
+                pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+                continue
+            taken = 0
             for batch in self.train_loader:
-                pos.batches_in_epoch += 1
+                # Every rank takes the same count (the sampler sees to it), the last batch of
+                # an epoch possibly short.
+                taken = min(taken + mbs, share)
+                pos.samples_in_epoch = start + taken * ranks
                 yield batch
-            pos.epoch, pos.batches_in_epoch = pos.epoch + 1, 0
+            pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
     def _train_row(self, stats: StepStats, window_tokens: int, seconds: float) -> dict[str, float]:
         reduced = self._all_reduce_sum(
