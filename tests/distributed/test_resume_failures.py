@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli import QUICK, bigscale, explain, train_rows
+from tests.malicious import Payload
 
 pytestmark = pytest.mark.distributed
 
@@ -54,6 +54,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(
     assert proc.returncode == 0, explain(proc)
     assert "step_00000024 is damaged" in proc.stderr and shard.name in proc.stderr
     assert "resumed from" in proc.stderr and "step_00000016 at step 16" in proc.stderr
+
     # Steps 17-24 were trained again and came out exactly as the first time.
     def exact(rows: list[dict]) -> list[tuple]:
         return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
@@ -96,14 +97,6 @@ def test_resume_never_refuses_a_run_with_checkpoints(
     assert "resume=never" in proc.stderr and "step_00000024" in proc.stderr
 
 
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_planted_pickle_does_not_execute_even_with_a_forged_manifest(
     original: Path, tmp_path: Path, bigscale_home: Path
 ) -> None:
@@ -111,7 +104,7 @@ def test_planted_pickle_does_not_execute_even_with_a_forged_manifest(
     tag = run / "checkpoints" / "step_00000024"
     marker = tmp_path / "pwned"
     target = tag / "train_state_rank00000.pt"
-    target.write_bytes(pickle.dumps({"step": _Payload(marker)}))
+    target.write_bytes(pickle.dumps({"step": Payload(marker)}))
     manifest = json.loads((tag / "manifest.json").read_text())
     manifest["files"][target.name] = {
         "size": target.stat().st_size,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -10,14 +9,7 @@ import pytest
 
 from bigscale.checkpoint.export import export_run, find_checkpoint
 from bigscale.model.tiny import build_char_tokenizer
-
-
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from tests.malicious import Payload
 
 
 def _plant(tmp_path: Path) -> tuple[Path, Path]:
@@ -37,7 +29,7 @@ def _plant(tmp_path: Path) -> tuple[Path, Path]:
     build_char_tokenizer().save_pretrained(tag / "hf")
     marker = tmp_path / "pwned"
     with (tag / "mp_rank_00_model_states.pt").open("wb") as f:
-        pickle.dump({"module": _Payload(marker)}, f)
+        pickle.dump({"module": Payload(marker)}, f)
     return run, marker
 
 
