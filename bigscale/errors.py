@@ -21,3 +21,7 @@ class DataError(BigscaleError):
 
 class ModelError(BigscaleError):
     """The model or tokenizer cannot be loaded as configured."""
+
+
+class CheckpointError(BigscaleError):
+    """No usable checkpoint where one was required, or one that must not be resumed."""

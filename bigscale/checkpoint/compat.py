@@ -3,13 +3,19 @@
 A different model, dataset, sequence shaping, global batch, ZeRO stage or seed would make the
 resumed run something other than a continuation; the user gets the list of what changed and
 can say it is intended with ``checkpoint.allow_config_change=true``. Other settings (max_steps,
-logging, eval cadence) may change freely."""
+logging, eval cadence) may change freely, and so may how the global batch is split into micro
+batch x accumulation x ranks, as long as the product stays: every step still takes the same
+samples, so a run may resume on another number of ranks."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from bigscale.config.schema import TrainConfig
+
+GLOBAL_BATCH = "global batch (micro_batch_size x grad_accum x ranks)"
+LAYOUT = ("trainer.micro_batch_size", "trainer.grad_accum", "ranks")
+"""The factors of the global batch: free to change while it stays, shown when it does not."""
 
 
 def fingerprint(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -21,19 +27,20 @@ def fingerprint(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "data.style": cfg.data.style.value,
         "data.max_length": cfg.data.max_length,
         "data.packing": cfg.data.packing,
-        "global batch (micro_batch_size x grad_accum x ranks)": t.micro_batch_size
-        * t.grad_accum
-        * world_size,
+        GLOBAL_BATCH: t.micro_batch_size * t.grad_accum * world_size,
         "trainer.micro_batch_size": t.micro_batch_size,
         "trainer.grad_accum": t.grad_accum,
+        "ranks": world_size,
         "strategy.zero_stage": cfg.strategy.zero_stage,
         "trainer.seed": t.seed,
     }
 
 
 def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    now = current.get(GLOBAL_BATCH)
+    same_global_batch = saved.get(GLOBAL_BATCH, now) == now
     return [
         f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
         for key, value in current.items()
-        if key in saved and saved[key] != value
+        if key in saved and saved[key] != value and not (same_global_batch and key in LAYOUT)
     ]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from bigscale.config.schema import CheckpointConfig
 from bigscale.dist.env import DistEnv
-from bigscale.errors import BigscaleError
+from bigscale.errors import CheckpointError
 from bigscale.logging import get_logger
 
 log = get_logger(__name__)
@@ -34,10 +34,6 @@ MANIFEST = "manifest.json"
 META = "meta.json"
 LATEST = "latest"
 PARTIAL = ".partial-"
-
-
-class CheckpointError(BigscaleError):
-    """No usable checkpoint where one was required, or one that must not be resumed."""
 
 
 class ShardedState(Protocol):
@@ -213,18 +209,23 @@ class CheckpointManager:
         return None
 
     def load(self, checkpoint: Path, sharded: ShardedState, state: Stateful) -> dict[str, Any]:
-        """Restore the engine and this rank's training state; returns the checkpoint's meta."""
+        """Restore the engine and this rank's training state; returns the checkpoint's meta.
+
+        The checkpoint may come from another number of ranks: the engine re-partitions its
+        state (or says why it cannot), and a rank the checkpoint has no state for takes rank
+        0's counters and data position, which are the same on every rank, but not its random
+        state (it keeps its own seed, rather than repeat rank 0's dropout masks)."""
         meta = json.loads((checkpoint / META).read_text())
-        if meta["world_size"] != self.env.world_size:
-            raise CheckpointError(
-                f"{checkpoint} was written by {meta['world_size']} ranks, this run has "
-                f"{self.env.world_size}; resuming on a different number of ranks is not "
-                "supported yet: use the same launcher.nproc_per_node"
-            )
         own = checkpoint / f"train_state_rank{self.env.rank:05d}.pt"
+        take_rng = self.env.rank < meta["world_size"]
+        if not take_rng:
+            own = checkpoint / f"train_state_rank{0:05d}.pt"
         try:
             sharded.load_checkpoint(checkpoint.parent, checkpoint.name)
-            state.load_state_dict(torch.load(own, map_location="cpu", weights_only=True))
+            saved = torch.load(own, map_location="cpu", weights_only=True)
+            if not take_rng:
+                saved.pop("rng", None)
+            state.load_state_dict(saved)
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"refusing to load {checkpoint}: it holds objects other than tensors and plain "

@@ -18,6 +18,11 @@ class ResumableDistributedSampler(Sampler[int]):
     ``load_state_dict`` carry ``epoch`` and ``consumed`` so a restored sampler yields exactly the
     rest of the epoch.
 
+    ``start`` (0 unless restored) skips that many positions of the permutation first: the ranks
+    share out only what follows, the same way. The first ``n`` positions of an epoch's order do
+    not depend on the world size, so a run resumed on another number of ranks sets ``start`` to
+    the samples all ranks together had consumed and continues with the very next one.
+
     Epochs: ``set_epoch(e)`` with a new epoch starts it from the beginning; iterating again after
     a finished epoch moves to the next one by itself, so a step-based loop may simply re-iterate.
     After ``load_state_dict``, take the epoch from ``sampler.epoch``.
@@ -38,25 +43,26 @@ class ResumableDistributedSampler(Sampler[int]):
         self.seed = seed
         self.shuffle = shuffle
         self.epoch = 0
+        self.start = 0
         self.consumed = 0
 
     def __len__(self) -> int:
-        """Samples this rank yields in a full epoch."""
-        return self.num_samples // self.world_size
+        """Samples this rank yields in a full epoch (after ``start``)."""
+        return max(0, self.num_samples - self.start) // self.world_size
 
     def _indices(self) -> list[int]:
-        total = len(self) * self.world_size
+        end = self.start + len(self) * self.world_size
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g)[:total].tolist()
+            order = torch.randperm(self.num_samples, generator=g)[:end].tolist()
         else:
-            order = list(range(total))
-        return order[self.rank : total : self.world_size]
+            order = list(range(end))
+        return order[self.start + self.rank : end : self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         if self.consumed >= len(self) > 0:
             self.epoch += 1
-            self.consumed = 0
+            self.start = self.consumed = 0
         indices = self._indices()
         while self.consumed < len(indices):
             index = indices[self.consumed]
@@ -67,11 +73,15 @@ class ResumableDistributedSampler(Sampler[int]):
         """Start ``epoch`` from its beginning; the current epoch again keeps the position."""
         if epoch != self.epoch:
             self.epoch = epoch
-            self.consumed = 0
+            self.start = self.consumed = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        state = {"epoch": self.epoch, "consumed": self.consumed}
+        if self.start:
+            state["start"] = self.start
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
+        self.start = int(state.get("start", 0))
         self.consumed = int(state["consumed"])

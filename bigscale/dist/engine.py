@@ -6,12 +6,16 @@ trainer needs: forward, backward, step, gathered weights for export."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import io
 import json
 import math
 import os
+import pickle
+import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.dist.env import DistEnv
+from bigscale.errors import CheckpointError
 
 
 def init_distributed(env: DistEnv, timeout_minutes: float = 30.0) -> None:
@@ -228,10 +233,41 @@ class Engine:
         self._engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
     def load_checkpoint(self, directory: Path, tag: str) -> None:
-        with weights_only_loading():
-            path, _ = self._engine.load_checkpoint(
-                str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        """Restore model, optimizer and lr schedule, on this world size whatever the one that
+        wrote the checkpoint. ZeRO stage 0 keeps the whole optimizer in one file, which loads on
+        any number of ranks. A ZeRO-1/2/3 checkpoint partitioned over a different number of
+        ranks is converted once to DeepSpeed's universal format (by rank 0, into
+        ``<checkpoint>/universal``, renamed into place when complete and reused after) and
+        loaded from there, each rank taking its new partition."""
+        source = Path(directory) / tag
+        saved = _zero_partitions(source)
+        world = torch.distributed.get_world_size()
+        if saved in (0, world):
+            self._load(Path(directory), tag, universal=False)
+            return
+        if self._engine.zero_nvme_offload_optimizer():
+            raise CheckpointError(
+                f"{source} was written by {saved} ranks, this run has {world}: DeepSpeed cannot "
+                f"re-partition ZeRO-{self.zero_stage} optimizer state offloaded to NVMe; resume "
+                f"with launcher.nproc_per_node={saved}, or without NVMe offload"
             )
+        universal = _universal_copy(source)
+        self._load(universal.parent, universal.name, universal=True)
+
+    def _load(self, directory: Path, tag: str, universal: bool) -> None:
+        # DeepSpeed reads this flag only while loading, so it is set for this load alone.
+        config = self._engine._config
+        before, config.load_universal_checkpoint = config.load_universal_checkpoint, universal
+        try:
+            with weights_only_loading():
+                path, _ = self._engine.load_checkpoint(
+                    str(directory),
+                    tag=tag,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                )
+        finally:
+            config.load_universal_checkpoint = before
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint at {Path(directory) / tag}")
 
@@ -256,6 +292,65 @@ class Engine:
         if torch.distributed.get_rank() != 0:
             return None
         return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+
+
+UNIVERSAL = "universal"
+
+
+def _zero_partitions(checkpoint: Path) -> int:
+    """How many ranks the checkpoint's ZeRO optimizer state is partitioned over (0: stage 0,
+    whose optimizer state is whole)."""
+    return len(list(checkpoint.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
+def _universal_copy(checkpoint: Path) -> Path:
+    """``checkpoint`` in DeepSpeed's universal format, independent of the world size: one
+    directory per parameter with its fp32 weights and Adam moments. Rank 0 converts while the
+    others wait; every rank gets rank 0's error if the conversion fails."""
+    target = checkpoint / UNIVERSAL
+    error: tuple[bool, str] | None = None
+    if torch.distributed.get_rank() == 0 and not target.is_dir():
+        work = checkpoint / f".{UNIVERSAL}-partial"
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            _convert_to_universal(checkpoint, work / UNIVERSAL)
+            os.replace(work / UNIVERSAL, target)
+        except Exception as exc:  # every rank must hear of it, not only this one
+            error = (isinstance(exc, pickle.UnpicklingError), f"{type(exc).__name__}: {exc}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    box = [error]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        unsafe, message = box[0]
+        if unsafe:  # refused by weights_only_loading, like any other load
+            raise pickle.UnpicklingError(message)
+        raise CheckpointError(
+            f"could not convert {checkpoint} to DeepSpeed's universal format to resume it on "
+            f"{torch.distributed.get_world_size()} ranks ({message}); resume with the number "
+            "of ranks that wrote it"
+        )
+    return target
+
+
+def _convert_to_universal(checkpoint: Path, out: Path) -> None:
+    # DeepSpeed's converter (its ``ds_to_universal`` script) taken as a library: one process
+    # (worker pools would unpickle outside weights_only_loading), its progress output hushed.
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(checkpoint),
+        output_folder=str(out),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # A plain Hugging Face model carries no Megatron-style tensor-parallel merge rules.
+        inject_missing_state=True,
+    )
+    sink = io.StringIO()
+    with weights_only_loading(), redirect_stdout(sink), redirect_stderr(sink):
+        ds_to_universal.main(args)
 
 
 @contextmanager

@@ -20,25 +20,41 @@ class TrainState:
     tokens_seen: int = 0
     """Real tokens consumed by all ranks."""
     epoch: int = 0
-    batches_in_epoch: int = 0
-    """Micro batches this rank's training loop has taken in the current epoch. Counted by the
-    loop itself, not by the sampler, which loader workers may have drawn ahead of it."""
+    samples_in_epoch: int = 0
+    """Samples all ranks together have taken from the start of the current epoch's order, the
+    same on every rank and independent of how many there are: a run resumed on another number
+    of ranks continues right after them. Counted by the training loop itself, not by the
+    sampler, which loader workers may have drawn ahead of it."""
+    world_size: int = 1
+    micro_batch_size: int = 1
+    """The layout the position was counted with (kept in the checkpoint for the record; older
+    checkpoints counted this rank's micro batches, which these convert)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "epoch": self.epoch,
-            "batches_in_epoch": self.batches_in_epoch,
+            "samples_in_epoch": self.samples_in_epoch,
+            "world_size": self.world_size,
+            "micro_batch_size": self.micro_batch_size,
             "rng": capture_rng(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Counters and position; the random state too when given (a rank that did not exist
+        when the checkpoint was written gets the counters alone and keeps its own seed)."""
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.epoch = int(state["epoch"])
-        self.batches_in_epoch = int(state["batches_in_epoch"])
-        restore_rng(state["rng"])
+        if "samples_in_epoch" in state:
+            self.samples_in_epoch = int(state["samples_in_epoch"])
+        else:  # written before the position was world-size independent: same layout then
+            self.samples_in_epoch = (
+                int(state["batches_in_epoch"]) * self.micro_batch_size * self.world_size
+            )
+        if "rng" in state:
+            restore_rng(state["rng"])
 
 
 def capture_rng() -> dict[str, Any]:

@@ -14,13 +14,14 @@ import torch.distributed as dist
 
 from bigscale.checkpoint.compat import changes, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, save_pretrained_dir
-from bigscale.checkpoint.manager import META, CheckpointError, CheckpointManager
+from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.schema import TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.pipeline import build_datasets, build_loader
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
+from bigscale.errors import CheckpointError
 from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.model.load import load_model, load_tokenizer
@@ -109,8 +110,8 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d)", point, self.step, self.state.epoch)
         if meta["world_size"] != self.env.world_size:
             log.info(
-                "the checkpoint was written by %d ranks, this run has %d: model and optimizer "
-                "state re-partitioned, data continues after sample %d of epoch %d",
+                "the checkpoint was written by %d ranks, this run has %d: the data continues "
+                "after sample %d of epoch %d",
                 meta["world_size"],
                 self.env.world_size,
                 self.state.samples_in_epoch,

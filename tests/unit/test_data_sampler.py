@@ -61,3 +61,43 @@ def test_iterating_after_a_full_epoch_moves_to_the_next() -> None:
     ref = ResumableDistributedSampler(20, rank=0, world_size=2, seed=0)
     ref.set_epoch(1)
     assert second == list(ref)
+
+
+def test_start_continues_on_another_world_size_with_the_next_sample() -> None:
+    """What 2 ranks took of epoch 1, then 3 ranks (and then 1) from ``start``: together the
+    epoch's order, each sample once, none skipped but the tail that evens out the last share."""
+    n, seed, epoch = 101, 5, 1
+    ref = ResumableDistributedSampler(n, rank=0, world_size=1, seed=seed)
+    ref.set_epoch(epoch)
+    order = list(ref)
+    assert len(order) == n
+
+    def take(world: int, start: int, per_rank: int | None) -> list[list[int]]:
+        out = []
+        for rank in range(world):
+            s = ResumableDistributedSampler(n, rank=rank, world_size=world, seed=seed)
+            s.load_state_dict({"epoch": epoch, "start": start, "consumed": 0})
+            it = iter(s)
+            out.append([next(it) for _ in range(per_rank)] if per_rank else list(it))
+        return out
+
+    two = take(2, 0, 12)  # 24 samples
+    three = take(3, 24, 10)  # 30 more
+    one = take(1, 54, None)  # the rest
+    seen = [i for part in two + three + one for i in part]
+    assert sorted(seen[:24]) == sorted(order[:24])
+    assert sorted(seen[24:54]) == sorted(order[24:54])
+    assert seen[54:] == order[54:]
+    assert len(seen) == len(set(seen)) == n
+    # Three ranks from 24 share out 77 samples: 25 each, the last two dropped.
+    assert len(take(3, 24, None)[2]) == 25
+
+
+def test_start_zero_is_the_plain_sampler() -> None:
+    s = ResumableDistributedSampler(40, rank=1, world_size=2, seed=7)
+    s.load_state_dict({"epoch": 3, "start": 0, "consumed": 4})
+    t = ResumableDistributedSampler(40, rank=1, world_size=2, seed=7)
+    t.load_state_dict({"epoch": 3, "start": 8, "consumed": 0})
+    assert list(s) == list(t)
+    assert s.state_dict() == {"epoch": 3, "consumed": 20}
+    assert t.state_dict() == {"epoch": 3, "start": 8, "consumed": 16}
