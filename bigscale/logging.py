@@ -43,3 +43,11 @@ def setup_logging(rank: int = 0, run_dir: Path | None = None) -> None:
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         file_handler.addFilter(_Redacting())
         root.addHandler(file_handler)
+
+
+def log_to_file_only(message: str) -> None:
+    """Record an error already printed on the console in ``train.log`` too, so the run
+    directory says why the run stopped."""
+    for handler in logging.getLogger(_ROOT).handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.LogRecord(_ROOT, logging.ERROR, __file__, 0, message, None, None))

@@ -127,6 +127,11 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"warmup {c.optim.warmup_steps})",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
+    latest = plan.run_dir / "checkpoints" / "latest"
+    if c.resume == "auto" and latest.is_file():
+        lines.append(f"resume          from {latest.read_text().strip()} (resume=auto)")
+    elif c.resume not in ("auto", "never"):
+        lines.append(f"resume          from {c.resume}")
     if with_memory:
         mem = memory_estimate(plan)
         if isinstance(mem, MemoryEstimate):

@@ -15,7 +15,7 @@ from bigscale.config.schema import TrainConfig
 from bigscale.config.validate import Hardware, validate
 from bigscale.dist.env import DistEnv
 from bigscale.errors import BigscaleError
-from bigscale.logging import get_logger, setup_logging
+from bigscale.logging import get_logger, log_to_file_only, setup_logging
 from bigscale.quiet import quiet_third_party
 from bigscale.train.assets import prepare_assets
 from bigscale.train.rundir import default_run_dir
@@ -75,5 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     except BigscaleError as exc:
         if DistEnv.from_environ().is_main:
             print(f"error: {exc}", file=sys.stderr)
+            log_to_file_only(f"error: {exc}")
         return exc.exit_code
     return 0

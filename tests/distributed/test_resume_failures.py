@@ -52,6 +52,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(
 
     proc = resume(run, bigscale_home)
     assert proc.returncode == 0, explain(proc)
+    assert "resume          from step_00000024 (resume=auto)" in proc.stdout  # the plan
     assert "step_00000024 is damaged" in proc.stderr and shard.name in proc.stderr
     assert "resumed from" in proc.stderr and "step_00000016 at step 16" in proc.stderr
 
@@ -86,6 +87,7 @@ def test_config_change_is_refused_with_what_changed(
     assert "trainer.grad_accum: 2 in the checkpoint, 1 now" in proc.stderr
     assert "checkpoint.allow_config_change=true" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "refusing to resume" in (run / "train.log").read_text()  # the run dir says why
 
 
 def test_resume_never_refuses_a_run_with_checkpoints(

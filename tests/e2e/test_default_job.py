@@ -51,7 +51,7 @@ def test_run_directory_contract(default_run) -> None:
     evals = [r for r in metrics(run_dir) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [250, 500, 750, 1000]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_1000"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00001000"
     assert (run_dir / "export" / "model.safetensors").is_file()
 
 
