@@ -26,6 +26,9 @@ test: $(STAMP)  ## the whole suite (unit, distributed, end to end)
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
+bench: $(STAMP)  ## benchmarks (not part of the tests); results go in bench/RESULTS.md
+	$(BIN)/python bench/checkpoint_io.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
