@@ -46,8 +46,8 @@ def _train(args: list[str]) -> int:
     from bigscale.launch.plan import render
     from bigscale.launch.sweep import plan_jobs
 
-    multirun = bool(args) and args[0] in ("-m", "--multirun")
-    plans = plan_jobs(args[1:] if multirun else args, multirun)
+    multirun, overrides = _split_multirun(args)
+    plans = plan_jobs(overrides, multirun)
     for plan in plans:
         prepare(plan)
     for i, plan in enumerate(plans):
@@ -69,10 +69,16 @@ def _plan(args: list[str]) -> int:
     from bigscale.launch.plan import render
     from bigscale.launch.sweep import plan_jobs
 
-    multirun = bool(args) and args[0] in ("-m", "--multirun")
-    for plan in plan_jobs(args[1:] if multirun else args, multirun):
+    multirun, overrides = _split_multirun(args)
+    for plan in plan_jobs(overrides, multirun):
         print(render(plan))
     return 0
+
+
+def _split_multirun(args: list[str]) -> tuple[bool, list[str]]:
+    """(whether ``-m``/``--multirun`` leads the arguments, the Hydra overrides)."""
+    multirun = bool(args) and args[0] in ("-m", "--multirun")
+    return multirun, args[1:] if multirun else args
 
 
 def _export(args: list[str]) -> int:

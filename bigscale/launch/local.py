@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 
 from bigscale.config.compose import to_yaml
@@ -32,10 +31,9 @@ def launch(plan: Plan, isolated: bool = False) -> int:
         return main(plan.rank_overrides)
     command = plan.command()
     if plan.in_process:
-        return subprocess.run(command, env=dict(os.environ), check=False).returncode
+        return subprocess.run(command, check=False).returncode
     # The plan's torchrun command, run through torchrun's own code by a wrapper that ends a failed
     # run with the failing rank's exit code instead of torchrun's traceback (see its docstring).
     assert command[1:3] == ["-m", "torch.distributed.run"], command
     wrapped = [command[0], "-m", "bigscale.launch.torchrun", *command[3:]]
-    env = dict(os.environ)
-    return subprocess.run(wrapped, env=env, check=False).returncode
+    return subprocess.run(wrapped, check=False).returncode

@@ -25,10 +25,6 @@ class TrainState:
     same on every rank and independent of how many there are: a run resumed on another number
     of ranks continues right after them. Counted by the training loop itself, not by the
     sampler, which loader workers may have drawn ahead of it."""
-    world_size: int = 1
-    micro_batch_size: int = 1
-    """The layout the position was counted with (kept in the checkpoint for the record; older
-    checkpoints counted this rank's micro batches, which these convert)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -36,8 +32,6 @@ class TrainState:
             "tokens_seen": self.tokens_seen,
             "epoch": self.epoch,
             "samples_in_epoch": self.samples_in_epoch,
-            "world_size": self.world_size,
-            "micro_batch_size": self.micro_batch_size,
             "rng": capture_rng(),
         }
 
@@ -47,12 +41,7 @@ class TrainState:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.epoch = int(state["epoch"])
-        if "samples_in_epoch" in state:
-            self.samples_in_epoch = int(state["samples_in_epoch"])
-        else:  # written before the position was world-size independent: same layout then
-            self.samples_in_epoch = (
-                int(state["batches_in_epoch"]) * self.micro_batch_size * self.world_size
-            )
+        self.samples_in_epoch = int(state["samples_in_epoch"])
         if "rng" in state:
             restore_rng(state["rng"])
 

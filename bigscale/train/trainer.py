@@ -78,9 +78,7 @@ class Trainer:
         # Dropout masks differ per rank; data order comes from the sampler's own seed.
         torch.manual_seed(cfg.trainer.seed + env.rank)
 
-        self.state = TrainState(
-            world_size=env.world_size, micro_batch_size=cfg.trainer.micro_batch_size
-        )
+        self.state = TrainState()
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
         self.resume()
         self.metrics = MetricsLogger(
