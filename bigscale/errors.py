@@ -25,3 +25,10 @@ class ModelError(BigscaleError):
 
 class CheckpointError(BigscaleError):
     """No usable checkpoint where one was required, or one that must not be resumed."""
+
+
+class DivergenceError(BigscaleError):
+    """Training went numerically wrong (too many non-finite steps, a loss spike under
+    ``policy=stop``, non-finite weights): stop before anything bad is saved."""
+
+    exit_code = 3

@@ -40,12 +40,16 @@ def env_for(home: Path) -> dict[str, str]:
 
 
 def bigscale(
-    args: list[str], cwd: Path, home: Path, timeout: float = 600
+    args: list[str],
+    cwd: Path,
+    home: Path,
+    timeout: float = 600,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "bigscale.cli", *args],
         cwd=cwd,
-        env=env_for(home),
+        env={**env_for(home), **(extra_env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

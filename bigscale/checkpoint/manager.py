@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from bigscale.config.schema import CheckpointConfig
 from bigscale.dist.env import DistEnv
-from bigscale.errors import CheckpointError
+from bigscale.errors import CheckpointError, DivergenceError
 from bigscale.logging import get_logger
 
 log = get_logger(__name__)
@@ -42,6 +42,8 @@ class ShardedState(Protocol):
     def save_checkpoint(self, directory: Path, tag: str) -> None: ...
 
     def load_checkpoint(self, directory: Path, tag: str) -> None: ...
+
+    def weights_finite(self) -> bool: ...
 
 
 class Stateful(Protocol):
@@ -94,6 +96,14 @@ class CheckpointManager:
         if step == self._last_saved_step or not (force or self.due(step)):
             return False
         tag = tag_for(step)
+        if not sharded.weights_finite():
+            latest = self.root / LATEST
+            last = latest.read_text().strip() if latest.is_file() else "none yet"
+            raise DivergenceError(
+                f"step {step}: the model's weights are not finite (NaN or inf); checkpoint {tag} "
+                f"was not written and the last complete one ({last}) is intact. Resume from it "
+                "with a lower optim.lr, or check the model's initial weights"
+            )
         partial = self.root / f"{PARTIAL}{tag}"
         if self.env.is_main:
             shutil.rmtree(partial, ignore_errors=True)

@@ -69,9 +69,15 @@ class LoggerMode(str, Enum):
     disabled = "disabled"
 
 
+class SpikePolicy(str, Enum):
+    log = "log"
+    stop = "stop"
+
+
 class LauncherKind(str, Enum):
-    local = "local"
-    # multinode and slurm arrive with the cluster-launch work; the seam is bigscale.launch.
+    local = "local"  # torchrun (or one in-process rank) on this machine
+    multinode = "multinode"  # this node's share of a multi-node torchrun (c10d rendezvous)
+    slurm = "slurm"  # an sbatch job; srun runs launch/node.sh on every node
 
 
 @dataclass
@@ -200,6 +206,16 @@ class OptimConfig:
 
 
 @dataclass
+class LossSpikeConfig:
+    policy: SpikePolicy = SpikePolicy.log
+    """``log``: warn and count it; ``stop``: end the run with exit code 3."""
+    window: int = 50
+    """Steps in the running mean the loss is compared with; no check until it is full."""
+    factor: float = 3.0
+    """A loss above ``factor`` x the running mean is a spike."""
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 100
     """Optimizer steps to train for."""
@@ -223,6 +239,11 @@ class TrainerConfig:
     """DataLoader worker processes per rank."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
+    max_bad_steps: int = 5
+    """A step whose loss or gradient norm is not finite is skipped (no weight update); this
+    many in a row end the run with exit code 3."""
+    loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
+    """What a sudden jump of the training loss does."""
 
 
 @dataclass
@@ -253,11 +274,62 @@ class LoggerConfig:
 @dataclass
 class LauncherConfig:
     kind: LauncherKind = LauncherKind.local
-    """Where ranks run."""
+    """Where ranks run: ``local``, ``multinode`` (torchrun per node, by hand) or ``slurm``."""
     nproc_per_node: str = "auto"
-    """Ranks on this machine: a number, or ``auto`` (GPU count; 2 on a CPU-only machine)."""
+    """Ranks per node: a number, or ``auto`` (GPU count; 2 on a CPU-only machine). Under Slurm
+    with ``gpus_per_node`` > 0 it is the GPU count."""
     master_port: int = 0
     """Rendezvous port for local torchrun; 0 picks a free one."""
+
+    # multinode: torchrun with a c10d rendezvous; run `bigscale train` once on every node.
+    nnodes: str = "1"
+    """Nodes in the job: ``"2"``, or elastic ``"MIN:MAX"`` (``"1:4"``)."""
+    node_rank: int = 0
+    """This node's index; node 0 hosts the rendezvous at ``rdzv_endpoint``."""
+    rdzv_endpoint: str | None = None
+    """``HOST:PORT`` of node 0, the same on every node; required for more than one node."""
+    rdzv_id: str | None = None
+    """Rendezvous id, the same on every node; default derived from the run directory."""
+    max_restarts: int = 0
+    """Times torchrun restarts the whole group after a rank fails (it resumes from the latest
+    checkpoint); also under Slurm."""
+
+    # slurm: `bigscale train launcher=slurm` renders RUN_DIR/train.sbatch and submits it.
+    nodes: int = 1
+    """Slurm nodes (``--nodes``)."""
+    gpus_per_node: int = 0
+    """GPUs per node (``--gpus-per-node``), one rank each; 0 for a CPU-only job."""
+    cpus_per_task: int | None = None
+    """CPUs for each node's torchrun and all its ranks (``--cpus-per-task``); unset leaves
+    Slurm's default, often a single CPU."""
+    partition: str | None = None
+    """``--partition``."""
+    account: str | None = None
+    """``--account``."""
+    qos: str | None = None
+    """``--qos``."""
+    time: str | None = None
+    """Time limit (``--time``), e.g. ``"04:00:00"`` or ``"2-00:00:00"``."""
+    constraint: str | None = None
+    """Node features (``--constraint``), e.g. ``"a100&ib"``."""
+    job_name: str | None = None
+    """``--job-name``; default ``bigscale-<experiment>``."""
+    sbatch_extra: list[str] = field(default_factory=list)
+    """More ``#SBATCH`` options, one per entry: ``["--exclusive", "--mem=0"]``."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before ``srun``: ``["module load cuda/12.4", "source ~/venv/bin/activate"]``.
+    Without them the job uses the Python interpreter that submitted it."""
+    signal_seconds: int = 120
+    """Ask Slurm for SIGUSR1 this many seconds before the time limit, so the run checkpoints and
+    requeues itself in time; 0: no signal."""
+    max_requeues: int = 3
+    """Times a run requeues itself after a time-limit signal or preemption before giving up."""
+
+
+@dataclass
+class DistConfig:
+    timeout_minutes: float = 30.0
+    """Collective timeout: a dead or stuck rank ends the job with an error after this long."""
 
 
 @dataclass
@@ -298,5 +370,6 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

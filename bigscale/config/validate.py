@@ -72,6 +72,7 @@ def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
     _check_optim(cfg)
     _check_data(cfg)
     _check_model(cfg)
+    _check_dist(cfg)
 
 
 def _positive(**values: int) -> None:
@@ -87,7 +88,14 @@ def _check_trainer(cfg: TrainConfig, world_size: int) -> None:
         trainer__micro_batch_size=t.micro_batch_size,
         trainer__grad_accum=t.grad_accum,
         trainer__log_every=t.log_every,
+        trainer__max_bad_steps=t.max_bad_steps,
+        trainer__loss_spike__window=t.loss_spike.window,
     )
+    if t.loss_spike.factor <= 1.0:
+        raise ConfigError(
+            f"trainer.loss_spike.factor={t.loss_spike.factor} must be above 1 (a spike is a loss "
+            "above factor x the running mean)"
+        )
     if t.eval_every < 0:
         raise ConfigError(f"trainer.eval_every={t.eval_every} must be 0 (end only) or positive")
     actual = t.micro_batch_size * t.grad_accum * world_size
@@ -185,4 +193,13 @@ def _check_model(cfg: TrainConfig) -> None:
             f"model.name_or_path={m.name_or_path} does not exist: give a local directory "
             "holding a Hugging Face model (config.json + weights) or a hub id like "
             "'Qwen/Qwen2.5-0.5B'"
+        )
+
+
+def _check_dist(cfg: TrainConfig) -> None:
+    minutes = cfg.dist.timeout_minutes
+    if minutes <= 0:
+        raise ConfigError(
+            f"dist.timeout_minutes={minutes:g} must be positive: it is how long a collective "
+            "waits for a dead or stuck rank before the job ends with an error"
         )

@@ -83,7 +83,8 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == Precision.bf16},
+        # A bf16 step with a non-finite gradient norm is skipped, as fp16 and fp32 ones are.
+        "bf16": {"enabled": precision == Precision.bf16, "check_grad_overflow": True},
         "fp16": {"enabled": precision == Precision.fp16, "loss_scale": 0},
         # bigscale logs its own metrics; DeepSpeed's periodic prints would duplicate them.
         "steps_per_print": 1 << 30,
@@ -166,7 +167,24 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
 
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, eps=o.eps, adamw_mode=True)
     fused = torch.cuda.is_available() if o.fused is None else o.fused
-    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=fused or None)
+    adamw = _SkippableAdamW if cfg.strategy.zero_stage == 0 else torch.optim.AdamW
+    return adamw(groups, lr=o.lr, betas=betas, eps=o.eps, fused=fused or None)
+
+
+class _SkippableAdamW(torch.optim.AdamW):
+    """AdamW that leaves the weights alone when told the gradients are not finite.
+
+    ZeRO's optimizers and DeepSpeed's fp16/bf16 wrappers check the gradient norm and skip such a
+    step; plain data parallel in fp32 hands DeepSpeed this bare optimizer, which would write NaN
+    into every weight. DeepSpeed reads ``overflow`` after ``step()`` to count the skip and hold
+    the lr schedule, exactly as for its own optimizers."""
+
+    overflow = False
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        if self.overflow:
+            return None
+        return super().step(closure)
 
 
 class Engine:
@@ -184,6 +202,7 @@ class Engine:
             config=ds_config,
         )
         self._manual_grad_norm: float | None = None
+        self._base_optimizer = optimizer
 
     @property
     def module(self) -> torch.nn.Module:
@@ -205,10 +224,29 @@ class Engine:
 
     def step(self) -> None:
         """Advance one micro batch; at the accumulation boundary this clips and steps the
-        optimizer and the lr schedule."""
+        optimizer and the lr schedule, or skips them when the gradient norm is not finite."""
         if self._engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
-            self._manual_grad_norm = self._local_grad_norm()
+            self._manual_grad_norm = norm = self._local_grad_norm()
+            if isinstance(self._base_optimizer, _SkippableAdamW):
+                self._base_optimizer.overflow = norm is not None and not math.isfinite(norm)
         self._engine.step()
+
+    @property
+    def step_applied(self) -> bool:
+        """Whether the last optimizer step changed the weights (False: skipped as non-finite)."""
+        return bool(self._engine.was_step_applied())
+
+    def weights_finite(self) -> bool:
+        """Collective: True when no rank holds a NaN or infinite weight (under ZeRO-3, in its
+        own partition)."""
+        flags = [
+            torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.module.parameters()
+        ]
+        bad = torch.tensor([0.0 if not flags else float(~torch.stack(flags).all())])
+        if torch.distributed.is_initialized():
+            bad = bad.to(self.device)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return not bool(bad.item())
 
     def _local_grad_norm(self) -> float | None:
         # Plain data parallel in fp32 has no DeepSpeed optimizer wrapper to report the norm; the

@@ -31,7 +31,7 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
 
     from bigscale.dist.engine import init_distributed
 
-    init_distributed(env)
+    init_distributed(env, timeout_minutes=cfg.dist.timeout_minutes)
     try:
         run_dir = _agree_on_run_dir(cfg, env)
         setup_logging(env.rank, run_dir)

@@ -6,7 +6,7 @@ Saved as plain containers (ints, lists, tensors) so it loads with ``weights_only
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,12 @@ class TrainState:
     same on every rank and independent of how many there are: a run resumed on another number
     of ranks continues right after them. Counted by the training loop itself, not by the
     sampler, which loader workers may have drawn ahead of it."""
+    skipped_steps: int = 0
+    """Steps whose non-finite loss or gradient norm left the weights unchanged."""
+    bad_steps_in_row: int = 0
+    loss_spikes: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+    """The last steps' losses, for loss-spike detection."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -32,6 +38,10 @@ class TrainState:
             "tokens_seen": self.tokens_seen,
             "epoch": self.epoch,
             "samples_in_epoch": self.samples_in_epoch,
+            "skipped_steps": self.skipped_steps,
+            "bad_steps_in_row": self.bad_steps_in_row,
+            "loss_spikes": self.loss_spikes,
+            "recent_losses": list(self.recent_losses),
             "rng": capture_rng(),
         }
 
@@ -42,6 +52,11 @@ class TrainState:
         self.tokens_seen = int(state["tokens_seen"])
         self.epoch = int(state["epoch"])
         self.samples_in_epoch = int(state["samples_in_epoch"])
+        # Absent from checkpoints written before the step guard existed.
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_steps_in_row = int(state.get("bad_steps_in_row", 0))
+        self.loss_spikes = int(state.get("loss_spikes", 0))
+        self.recent_losses = [float(x) for x in state.get("recent_losses", [])]
         if "rng" in state:
             restore_rng(state["rng"])
 

@@ -26,6 +26,8 @@ from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.model.load import load_model, load_tokenizer
 from bigscale.train import task_eval
+from bigscale.train.faults import Faults
+from bigscale.train.guard import StepGuard
 from bigscale.train.state import TrainState
 from bigscale.versions import package_versions
 
@@ -34,8 +36,9 @@ log = get_logger(__name__)
 
 @dataclass
 class StepStats:
-    loss: float
-    tokens: int  # real (non-padding) tokens this rank consumed in the step
+    loss: float  # averaged over micro batches and ranks
+    tokens: int  # real (non-padding) tokens all ranks consumed in the step
+    skipped: bool  # non-finite: the optimizer left the weights alone
 
 
 class Trainer:
@@ -79,6 +82,8 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed + env.rank)
 
         self.state = TrainState()
+        self.guard = StepGuard(cfg.trainer.max_bad_steps, cfg.trainer.loss_spike, self.state)
+        self.faults = Faults(env.rank)
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
         self.resume()
         self.metrics = MetricsLogger(
@@ -154,16 +159,24 @@ class Trainer:
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
         """One optimizer step: ``grad_accum`` micro batches, then clip + step (inside DeepSpeed)."""
         self.engine.train()
+        accum = self.cfg.trainer.grad_accum
         loss_sum, tokens = 0.0, 0
-        for _ in range(self.cfg.trainer.grad_accum):
+        for _ in range(accum):
             batch = next(batches)
-            loss = self.engine.forward(batch)
+            loss = self.faults.loss(self.engine.forward(batch), self.step + 1)
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         self.state.step += 1
-        return StepStats(loss=loss_sum / self.cfg.trainer.grad_accum, tokens=tokens)
+        # Every rank judges the step on the same numbers: a NaN on one rank is a NaN for all.
+        total = self._all_reduce_sum(torch.tensor([loss_sum / accum, tokens], dtype=torch.float64))
+        mean_loss, step_tokens = float(total[0]) / self.env.world_size, int(total[1])
+        self.state.tokens_seen += step_tokens
+        verdict = self.guard.judge(
+            self.step, mean_loss, self.engine.grad_norm, self.engine.step_applied
+        )
+        return StepStats(loss=mean_loss, tokens=step_tokens, skipped=verdict.skipped)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -271,17 +284,14 @@ class Trainer:
             pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
     def _train_row(self, stats: StepStats, window_tokens: int, seconds: float) -> dict[str, float]:
-        reduced = self._all_reduce_sum(
-            torch.tensor([stats.loss, float(window_tokens)], dtype=torch.float64)
-        )
-        step_tokens = int(reduced[1])
-        self.state.tokens_seen += step_tokens
         row: dict[str, float] = {
             "step": self.step,
-            "loss": float(reduced[0]) / self.env.world_size,
+            "loss": stats.loss,
             "lr": self.engine.lr,
-            "tokens_per_s": step_tokens / max(seconds, 1e-9),
+            "tokens_per_s": window_tokens / max(seconds, 1e-9),
             "epoch": self.state.epoch,
+            "skipped_steps": self.state.skipped_steps,
+            "loss_spikes": self.state.loss_spikes,
         }
         if self.engine.grad_norm is not None:
             row["grad_norm"] = self.engine.grad_norm
