@@ -33,6 +33,7 @@ def main() -> None:
     from bigscale.config.compose import compose_config
     from bigscale.config.schema import CheckpointConfig, Precision
     from bigscale.dist import engine as ds
+    from bigscale.dist.ds_files import weights_only_loading
     from bigscale.dist.env import DistEnv
     from bigscale.quiet import quiet_third_party
     from bigscale.train.state import TrainState
@@ -92,7 +93,7 @@ def main() -> None:
             size_base = path.stat().st_size
 
             t0 = time.perf_counter()
-            with ds.weights_only_loading():  # the ZeRO optimizer state holds a LossScaler
+            with weights_only_loading():  # the ZeRO optimizer state holds a LossScaler
                 torch.load(path, map_location="cpu", weights_only=True)
             results["base_load"].append(time.perf_counter() - t0)
     finally:

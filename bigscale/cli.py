@@ -85,11 +85,14 @@ def _export(args: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bigscale export")
     parser.add_argument("source", type=Path, help="run directory or checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument(
+        "--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)"
+    )
     ns = parser.parse_args(args)
-    from bigscale.checkpoint.export import export_run
+    from bigscale.checkpoint.export import export_checkpoint
 
     try:
-        out = export_run(ns.source, ns.out)
+        out = export_checkpoint(ns.source, ns.out, ns.max_shard_size)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -27,6 +27,10 @@ class CheckpointError(BigscaleError):
     """No usable checkpoint where one was required, or one that must not be resumed."""
 
 
+class LaunchError(BigscaleError):
+    """The launch itself cannot happen here (no ``sbatch`` on PATH, a submission refused)."""
+
+
 class DivergenceError(BigscaleError):
     """Training went numerically wrong (too many non-finite steps, a loss spike under
     ``policy=stop``, non-finite weights): stop before anything bad is saved."""

@@ -318,7 +318,8 @@ class LauncherConfig:
     """More ``#SBATCH`` options, one per entry: ``["--exclusive", "--mem=0"]``."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before ``srun``: ``["module load cuda/12.4", "source ~/venv/bin/activate"]``.
-    Without them the job uses the Python interpreter that submitted it."""
+    The job runs the Python interpreter that submitted it unless a line exports
+    ``BIGSCALE_PYTHON`` (``export BIGSCALE_PYTHON=python3`` for the one on PATH)."""
     signal_seconds: int = 120
     """Ask Slurm for SIGUSR1 this many seconds before the time limit, so the run checkpoints and
     requeues itself in time; 0: no signal."""
@@ -350,7 +351,10 @@ class CheckpointConfig:
 @dataclass
 class ExportConfig:
     at_end: bool = True
-    """Write a Hugging Face model directory to ``<run_dir>/export`` when training ends."""
+    """Write a Hugging Face model directory to ``<run_dir>/export`` when training ends, from
+    the final checkpoint (streamed: no rank gathers the whole model)."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors file of the export; memory needed is about one of these."""
 
 
 @dataclass

@@ -6,16 +6,12 @@ trainer needs: forward, backward, step, gathered weights for export."""
 
 from __future__ import annotations
 
-import argparse
 import copy
-import io
 import json
 import math
 import os
-import pickle
-import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers.integrations import HfDeepSpeedConfig
 
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
+from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
 
@@ -239,9 +236,7 @@ class Engine:
     def weights_finite(self) -> bool:
         """Collective: True when no rank holds a NaN or infinite weight (under ZeRO-3, in its
         own partition)."""
-        flags = [
-            torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.module.parameters()
-        ]
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.module.parameters()]
         bad = torch.tensor([0.0 if not flags else float(~torch.stack(flags).all())])
         if torch.distributed.is_initialized():
             bad = bad.to(self.device)
@@ -278,7 +273,7 @@ class Engine:
         ``<checkpoint>/universal``, renamed into place when complete and reused after) and
         loaded from there, each rank taking its new partition."""
         source = Path(directory) / tag
-        saved = _zero_partitions(source)
+        saved = zero_partitions(source)
         world = torch.distributed.get_world_size()
         if saved in (0, world):
             self._load(Path(directory), tag, universal=False)
@@ -289,7 +284,7 @@ class Engine:
                 f"re-partition ZeRO-{self.zero_stage} optimizer state offloaded to NVMe; resume "
                 f"with launcher.nproc_per_node={saved}, or without NVMe offload"
             )
-        universal = _universal_copy(source)
+        universal = universal_copy(source)
         self._load(universal.parent, universal.name, universal=True)
 
     def _load(self, directory: Path, tag: str, universal: bool) -> None:
@@ -321,106 +316,3 @@ class Engine:
     @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
-
-    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 (None elsewhere). Collective under ZeRO-3: call on all ranks."""
-        if self.zero_stage == 3:
-            state = self._engine._zero3_consolidated_16bit_state_dict()
-            return state if torch.distributed.get_rank() == 0 else None
-        if torch.distributed.get_rank() != 0:
-            return None
-        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-
-
-UNIVERSAL = "universal"
-
-
-def _zero_partitions(checkpoint: Path) -> int:
-    """How many ranks the checkpoint's ZeRO optimizer state is partitioned over (0: stage 0,
-    whose optimizer state is whole)."""
-    return len(list(checkpoint.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
-
-
-def _universal_copy(checkpoint: Path) -> Path:
-    """``checkpoint`` in DeepSpeed's universal format, independent of the world size: one
-    directory per parameter with its fp32 weights and Adam moments. Rank 0 converts while the
-    others wait; every rank gets rank 0's error if the conversion fails."""
-    target = checkpoint / UNIVERSAL
-    error: tuple[bool, str] | None = None
-    if torch.distributed.get_rank() == 0 and not target.is_dir():
-        work = checkpoint / f".{UNIVERSAL}-partial"
-        shutil.rmtree(work, ignore_errors=True)
-        try:
-            _convert_to_universal(checkpoint, work / UNIVERSAL)
-            os.replace(work / UNIVERSAL, target)
-        except Exception as exc:  # every rank must hear of it, not only this one
-            error = (isinstance(exc, pickle.UnpicklingError), f"{type(exc).__name__}: {exc}")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    box = [error]
-    torch.distributed.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        unsafe, message = box[0]
-        if unsafe:  # refused by weights_only_loading, like any other load
-            raise pickle.UnpicklingError(message)
-        raise CheckpointError(
-            f"could not convert {checkpoint} to DeepSpeed's universal format to resume it on "
-            f"{torch.distributed.get_world_size()} ranks ({message}); resume with the number "
-            "of ranks that wrote it"
-        )
-    return target
-
-
-def _convert_to_universal(checkpoint: Path, out: Path) -> None:
-    # DeepSpeed's converter (its ``ds_to_universal`` script) taken as a library: one process
-    # (worker pools would unpickle outside weights_only_loading), its progress output hushed.
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(
-        input_folder=str(checkpoint),
-        output_folder=str(out),
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        # A plain Hugging Face model carries no Megatron-style tensor-parallel merge rules.
-        inject_missing_state=True,
-    )
-    sink = io.StringIO()
-    with weights_only_loading(), redirect_stdout(sink), redirect_stderr(sink):
-        ds_to_universal.main(args)
-
-
-@contextmanager
-def weights_only_loading() -> Iterator[None]:
-    """Every ``torch.load`` inside, DeepSpeed's included, unpickles with ``weights_only=True``
-    (DeepSpeed asks for full unpickling), with only DeepSpeed's plain data classes (loss scaler,
-    stage enum, fragment address) allowed, so a tampered checkpoint cannot run code."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-            yield
-    finally:
-        if previous is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
-def load_consolidated_weights(checkpoint_root: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage, on the CPU, loaded
-    without unpickling anything but tensors and plain data."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    tag_dir = Path(checkpoint_root) / tag
-    with weights_only_loading():
-        if any(tag_dir.glob("*optim_states.pt")):
-            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root), tag=tag)
-        # ZeRO stage 0 keeps the whole module in one file.
-        states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu")
-        return {k: v.float() for k, v in states["module"].items()}

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from bigscale.checkpoint.compat import changes, fingerprint
-from bigscale.checkpoint.export import HF_SUBDIR, save_pretrained_dir
+from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.schema import TrainConfig
@@ -221,13 +221,11 @@ class Trainer:
         return final
 
     def export(self, out_dir: Path) -> None:
-        state = self.engine.gathered_state_dict()
+        """Rank 0 streams the final checkpoint into a Hugging Face directory, as ``bigscale
+        export`` would; the other ranks are done (no collective follows), so none waits on a
+        long export with a collective timeout running."""
         if self.env.is_main:
-            assert state is not None
-            save_pretrained_dir(self.engine.module, state, self.tokenizer, out_dir)
-            log.info("exported Hugging Face model to %s", out_dir)
-        if dist.is_initialized():
-            dist.barrier()
+            export_checkpoint(self.checkpoints.root, out_dir, self.cfg.export.max_shard_size)
 
     def save_checkpoint(self, force: bool) -> None:
         """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps

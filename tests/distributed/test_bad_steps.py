@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bigscale.config.schema import TinyModelSpec
-from bigscale.dist.engine import load_consolidated_weights
+from bigscale.dist.ds_files import load_consolidated_weights
 from bigscale.model.tiny import create_tiny_model
 from tests.cli import QUICK, bigscale, explain, metrics
 
