@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
+    from bigscale.config.schema import LauncherKind
+    from bigscale.launch import preflight, slurm
     from bigscale.launch.local import launch, prepare
     from bigscale.launch.plan import render
     from bigscale.launch.sweep import plan_jobs
@@ -49,10 +51,15 @@ def _train(args: list[str]) -> int:
     multirun, overrides = _split_multirun(args)
     plans = plan_jobs(overrides, multirun)
     for plan in plans:
+        _warn(preflight.check(plan, submitting=True))
+    for plan in plans:
         prepare(plan)
     for i, plan in enumerate(plans):
         header = f"job {i + 1}/{len(plans)}\n" if multirun else ""
         print(header + render(plan, with_memory=False), flush=True)
+        if plan.kind is LauncherKind.slurm:
+            slurm.submit(plan)  # queued, not waited for; an error raises
+            continue
         code = launch(plan, isolated=len(plans) > 1)
         if code == BigscaleError.exit_code:
             return code  # a user error: the rank has printed its one "error: ..." line
@@ -66,13 +73,25 @@ def _train(args: list[str]) -> int:
 
 
 def _plan(args: list[str]) -> int:
+    from bigscale.config.schema import LauncherKind
+    from bigscale.launch import preflight, slurm
     from bigscale.launch.plan import render
     from bigscale.launch.sweep import plan_jobs
 
     multirun, overrides = _split_multirun(args)
     for plan in plan_jobs(overrides, multirun):
+        _warn(preflight.check(plan, submitting=False))
+        preflight.check_data(plan.cfg)
         print(render(plan))
+        if plan.kind is LauncherKind.slurm:
+            print(f"\n# {slurm.script_path(plan)}, as `bigscale train` writes and submits it:")
+            print(slurm.render_script(plan), end="")
     return 0
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 def _split_multirun(args: list[str]) -> tuple[bool, list[str]]:

@@ -1,10 +1,12 @@
-"""Carry out a plan on this machine: one rank in-process, or torchrun for several."""
+"""Carry out a plan on this machine: one rank in-process, torchrun for several, or this node's
+share of a multi-node run."""
 
 from __future__ import annotations
 
 import subprocess
 
 from bigscale.config.compose import to_yaml
+from bigscale.config.schema import LauncherKind
 from bigscale.data.sources import preflight
 from bigscale.launch.plan import Plan
 from bigscale.train.assets import prepare_assets
@@ -30,6 +32,10 @@ def launch(plan: Plan, isolated: bool = False) -> int:
 
         return main(plan.rank_overrides)
     command = plan.command()
+    if plan.kind is LauncherKind.multinode:
+        # launch/node.sh execs torchrun itself: its agent's rendezvous and restart messages are
+        # what a user debugging several nodes needs to see.
+        return subprocess.run(command, check=False).returncode
     if plan.in_process:
         return subprocess.run(command, check=False).returncode
     # The plan's torchrun command, run through torchrun's own code by a wrapper that ends a failed

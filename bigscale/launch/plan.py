@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bigscale.config.redact import redact_text
-from bigscale.config.schema import Precision, TrainConfig
-from bigscale.config.validate import Hardware, resolve_nproc, resolve_precision, validate
+from bigscale.config.schema import LauncherKind, Precision, TrainConfig
+from bigscale.config.validate import Hardware, resolve_precision, validate
+from bigscale.errors import ConfigError
 from bigscale.launch.memory import MemoryEstimate, count_parameters, estimate
+from bigscale.launch.node import multinode_command
+from bigscale.launch.topology import Topology, node_hardware, resolve_topology
 from bigscale.train.rundir import default_run_dir
 
 _PLAIN_VALUE = re.compile(r"^[\w/.:~+@-]+$")
@@ -34,13 +37,23 @@ class Plan:
     cfg: TrainConfig
     overrides: list[str]
     run_dir: Path
-    nproc: int
+    topology: Topology
     precision: Precision
     hardware: Hardware
+    """The hardware of the nodes that run the ranks (as requested, for a Slurm job)."""
+
+    @property
+    def kind(self) -> LauncherKind:
+        return self.topology.kind
+
+    @property
+    def nproc(self) -> int:
+        """Ranks per node."""
+        return self.topology.nproc_per_node
 
     @property
     def world_size(self) -> int:
-        return self.nproc
+        return self.topology.world_size
 
     @property
     def global_batch(self) -> int:
@@ -55,9 +68,16 @@ class Plan:
 
     @property
     def in_process(self) -> bool:
-        return self.nproc == 1
+        return self.kind is LauncherKind.local and self.nproc == 1
 
     def command(self) -> list[str]:
+        """What ``bigscale train`` runs on this machine."""
+        if self.kind is LauncherKind.multinode:
+            return multinode_command(
+                self.cfg.launcher, self.nproc, self.run_dir, self.rank_overrides
+            )
+        if self.kind is LauncherKind.slurm:
+            return ["sbatch", "--parsable", str(self.run_dir / "train.sbatch")]
         if self.in_process:
             return [sys.executable, "-m", "bigscale.train", *self.rank_overrides]
         port = self.cfg.launcher.master_port
@@ -81,16 +101,22 @@ class Plan:
 
 def make_plan(cfg: TrainConfig, overrides: list[str], hw: Hardware | None = None) -> Plan:
     """Validate for the world size this launch will have and fix the run directory."""
-    hw = hw or Hardware.detect()
-    nproc = resolve_nproc(cfg.launcher.nproc_per_node, hw)
-    validate(cfg, nproc, hw)
+    hw = node_hardware(cfg, hw or Hardware.detect())
+    topology = resolve_topology(cfg, hw)
+    validate(cfg, topology.world_size, hw)
+    if topology.kind is LauncherKind.multinode and not cfg.run_dir:
+        raise ConfigError(
+            "launcher=multinode needs run_dir=PATH, the same on every node and on a filesystem "
+            "they all see: each node would otherwise pick its own timestamped directory and "
+            "split the run"
+        )
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     cfg.run_dir = str(run_dir.resolve())
     return Plan(
         cfg=cfg,
         overrides=list(overrides),
         run_dir=run_dir.resolve(),
-        nproc=nproc,
+        topology=topology,
         precision=resolve_precision(cfg.trainer.precision, hw),
         hardware=hw,
     )
@@ -111,6 +137,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
     c = plan.cfg
     t = c.trainer
     device = f"{plan.hardware.cuda_devices} GPU(s)" if plan.hardware.cuda_devices else "CPU"
+    if plan.kind is not LauncherKind.local:
+        device += " per node"
     lines = [
         f"run directory   {plan.run_dir}",
         f"model           {c.model.name_or_path}",
@@ -119,7 +147,7 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"strategy        {c.strategy.name} (ZeRO stage {c.strategy.zero_stage}, offload "
         f"optimizer={c.strategy.offload_optimizer}, params={c.strategy.offload_params})",
         f"precision       {plan.precision.value} on {device}",
-        f"ranks           {plan.world_size} ({'in-process' if plan.in_process else 'torchrun'})",
+        f"ranks           {plan.topology.describe()}",
         f"batch           {t.micro_batch_size} micro x {t.grad_accum} accum x "
         f"{plan.world_size} ranks = {plan.global_batch} sequences/step, at most "
         f"{plan.global_batch * c.data.max_length:,} tokens/step",
@@ -127,6 +155,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"warmup {c.optim.warmup_steps})",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
+    if plan.kind is LauncherKind.slurm:
+        lines.append(f"slurm           {_slurm_summary(plan)}")
     latest = plan.run_dir / "checkpoints" / "latest"
     if c.resume == "auto" and latest.is_file():
         lines.append(f"resume          from {latest.read_text().strip()} (resume=auto)")
@@ -144,3 +174,14 @@ def render(plan: Plan, with_memory: bool = True) -> str:
             lines.append(f"memory/GPU      {mem}")
     lines.append(f"command         {redact_text(shlex.join(plan.command()))}")
     return "\n".join(lines)
+
+
+def _slurm_summary(plan: Plan) -> str:
+    lc = plan.cfg.launcher
+    parts = [f"{lc.nodes} node(s)"]
+    parts += [f"{key} {getattr(lc, key)}" for key in ("partition", "account", "qos", "time")]
+    parts = [p for p in parts if not p.endswith(" None")]
+    if lc.signal_seconds > 0:
+        parts.append(f"USR1 {lc.signal_seconds} s before the time limit")
+    parts.append(f"requeues itself up to {lc.max_requeues} time(s)")
+    return ", ".join(parts)
