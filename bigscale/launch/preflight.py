@@ -33,8 +33,17 @@ def check(plan: Plan, submitting: bool) -> list[str]:
         if submitting:
             require_sbatch()
     warnings = []
-    if plan.topology.multi_node:
-        warning = shared_filesystem_warning(plan.run_dir, plan.topology.max_nodes)
+    topo = plan.topology
+    if topo.elastic:
+        low, high = topo.min_nodes * topo.nproc_per_node, topo.world_size
+        warnings.append(
+            f"launcher.nnodes={plan.cfg.launcher.nnodes} is elastic: the global batch is "
+            f"{plan.global_batch} sequences on {high} ranks but smaller on fewer nodes (down to "
+            f"{low} ranks), and resuming a checkpoint with another global batch is refused "
+            "unless checkpoint.allow_config_change=true"
+        )
+    if topo.multi_node:
+        warning = shared_filesystem_warning(plan.run_dir, topo.max_nodes)
         if warning:
             warnings.append(warning)
     return warnings

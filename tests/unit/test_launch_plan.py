@@ -61,6 +61,13 @@ def test_elastic_nodes_are_planned_for_the_maximum() -> None:
     assert "elastic, sized for 4 nodes" in render(plan, with_memory=False)
 
 
+def test_elastic_job_warns_that_fewer_nodes_change_the_global_batch() -> None:
+    plan = plan_for(["launcher=multinode", "launcher.nnodes=2:4", *TWO_NODES[2:], "run_dir=r"])
+    warning = preflight.check(plan, submitting=False)[0]
+    assert "launcher.nnodes=2:4 is elastic" in warning and "down to 4 ranks" in warning
+    assert "checkpoint.allow_config_change=true" in warning
+
+
 def test_batch_math_counts_every_node() -> None:
     slurm = ["launcher=slurm", "launcher.nodes=4", "launcher.gpus_per_node=8"]
     plan_for([*slurm, "trainer.micro_batch_size=2", "trainer.global_batch_size=64"])
