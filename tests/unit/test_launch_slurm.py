@@ -4,7 +4,7 @@ failure modes (no sbatch, a refused job) as one ``error:`` line."""
 
 from __future__ import annotations
 
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,8 +206,7 @@ def test_train_without_sbatch_names_the_fix(
 
 
 @pytest.mark.skipif(
-    not any(Path(d, "sbatch").is_file() for d in os.environ.get("PATH", "").split(os.pathsep)),
-    reason="sbatch not installed (apt-get install slurm-wlm)",
+    shutil.which("sbatch") is None, reason="sbatch not installed (apt-get install slurm-wlm)"
 )
 def test_a_refused_submission_is_one_error_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
