@@ -48,3 +48,10 @@ def char_tokenizer(char_tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(char_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def bigscale_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """BIGSCALE_HOME for the runs the tests start: the tiny models and generated data are
+    created there once per session and shared."""
+    return tmp_path_factory.mktemp("bigscale_home")

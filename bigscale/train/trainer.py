@@ -28,6 +28,7 @@ from bigscale.model.load import load_model, load_tokenizer
 from bigscale.train import task_eval
 from bigscale.train.faults import Faults
 from bigscale.train.guard import StepGuard
+from bigscale.train.preemption import StopSignals, requeue_slurm_job, signal_name
 from bigscale.train.state import TrainState
 from bigscale.versions import package_versions
 
@@ -84,6 +85,8 @@ class Trainer:
         self.state = TrainState()
         self.guard = StepGuard(cfg.trainer.max_bad_steps, cfg.trainer.loss_spike, self.state)
         self.faults = Faults(env.rank)
+        self.stop_signals = StopSignals()
+        self.stop_requested = False
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
         self.resume()
         self.metrics = MetricsLogger(
@@ -126,6 +129,8 @@ class Trainer:
         if self.task_examples and self.step == 0:
             summary["exact_match_before"] = self._report_task_metric("before")
         self.train_loop()
+        if self.stop_requested:
+            return self.stop_early()
         summary.update(self._report_final_eval())
         if self.task_examples:
             summary["exact_match_after"] = self._report_task_metric("after")
@@ -151,10 +156,28 @@ class Trainer:
                 self.metrics.log(row)
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(self.step, row)
+            if self.stop_requested:
+                break
             if self._eval_due():
                 self.metrics.log({"step": self.step, **self.evaluate()})
             self.save_checkpoint(force=False)
         bar.close()
+
+    def stop_early(self) -> dict[str, float]:
+        """A stop signal arrived: checkpoint this step on all ranks, then (rank 0, under Slurm)
+        requeue the job so it resumes from here. No final evaluation or export: the run is not
+        done."""
+        self.save_checkpoint(force=True)
+        if self.env.is_main:
+            outcome = requeue_slurm_job(self.cfg.launcher.max_requeues)
+            log.info(
+                "stopped at step %d on %s: checkpoint saved; %s",
+                self.step,
+                signal_name(self.stop_signals.received),
+                outcome,
+            )
+        self.metrics.close()
+        return {"stopped_at_step": float(self.step)}
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
         """One optimizer step: ``grad_accum`` micro batches, then clip + step (inside DeepSpeed)."""
@@ -169,9 +192,15 @@ class Trainer:
             loss_sum += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
         self.state.step += 1
-        # Every rank judges the step on the same numbers: a NaN on one rank is a NaN for all.
-        total = self._all_reduce_sum(torch.tensor([loss_sum / accum, tokens], dtype=torch.float64))
+        # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
+        # learns of a stop signal any rank received, so all stop after the same step.
+        total = self._all_reduce_sum(
+            torch.tensor(
+                [loss_sum / accum, tokens, float(self.stop_signals.received)], dtype=torch.float64
+            )
+        )
         mean_loss, step_tokens = float(total[0]) / self.env.world_size, int(total[1])
+        self.stop_requested = bool(total[2] > 0)
         self.state.tokens_seen += step_tokens
         verdict = self.guard.judge(
             self.step, mean_loss, self.engine.grad_norm, self.engine.step_applied

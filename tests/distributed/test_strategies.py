@@ -4,9 +4,13 @@ ZeRO-3's gathered export matches the unpartitioned strategies' weights."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -151,3 +155,48 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(
     straight = load_file(runs[strategy] / "export" / "model.safetensors")
     for name, tensor in straight.items():
         assert torch.equal(resumed[name], tensor), name
+
+
+def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for p in launcher.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "bigscale.train" in p.cmdline() and p.environ().get("RANK") == str(rank):
+                    return p
+        time.sleep(0.1)
+    raise AssertionError(f"rank {rank} never started")
+
+
+def test_stop_signal_checkpoints_and_resumes_exactly(
+    runs: dict[str, Path], tmp_path: Path, bigscale_home: Path
+) -> None:
+    """SIGUSR1 (Slurm's warning before the time limit) to rank 1 alone, mid-interval: both ranks
+    finish the step, checkpoint it, and end cleanly; the same command then resumes from that
+    step and reproduces the uninterrupted run."""
+    run_dir = tmp_path / "stopped"
+    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK]
+    proc = start(args, tmp_path, bigscale_home)
+    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.is_file() and latest.read_text().strip() == "step_00000008"):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    rank1.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 0
+    stopped_at = int(latest.read_text().strip().split("_")[1])
+    assert 8 < stopped_at < 16, stopped_at  # a checkpoint the interval would not have written
+    log = (run_dir / "train.log").read_text()
+    assert f"stopped at step {stopped_at} on a stop signal on another rank" in log, log
+    assert "checkpoint saved; not a Slurm job" in log
+    assert not (run_dir / "export").exists()
+
+    done = bigscale(args, tmp_path, bigscale_home)
+    assert done.returncode == 0, explain(done)
+    assert f"at step {stopped_at}" in done.stderr
+
+    def fields(rows: list[dict]) -> list[tuple]:
+        return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
+
+    assert fields(train_rows(run_dir)) == fields(train_rows(runs["zero2"]))
