@@ -168,15 +168,14 @@ class Trainer:
         requeue the job so it resumes from here. No final evaluation or export: the run is not
         done."""
         self.save_checkpoint(force=True)
+        self.metrics.close()  # before a requeue, which ends this job's processes
         if self.env.is_main:
-            outcome = requeue_slurm_job(self.cfg.launcher.max_requeues)
             log.info(
                 "stopped at step %d on %s: checkpoint saved; %s",
                 self.step,
                 signal_name(self.stop_signals.received),
-                outcome,
+                requeue_slurm_job(self.cfg.launcher.max_requeues),
             )
-        self.metrics.close()
         return {"stopped_at_step": float(self.step)}
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:

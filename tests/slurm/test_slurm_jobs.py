@@ -1,0 +1,110 @@
+"""bigscale on a real Slurm: `bigscale train launcher=slurm` submits a job that trains and
+finishes; a job warned with SIGUSR1 (what `--signal` sends before the time limit) checkpoints,
+requeues itself, resumes from that step into the same W&B run and ends with the same losses as
+the uninterrupted job; the requeue cap is respected."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli import QUICK, env_for, explain, train_rows
+from tests.slurm.cluster import SlurmCluster
+
+# W&B offline in every job, so the runs compared step by step are set up identically.
+JOB = [*[q for q in QUICK if not q.startswith("logger=")], "logger=wandb", "logger.mode=offline"]
+
+
+def _submit(cluster: SlurmCluster, home: Path, cwd: Path, run_dir: Path, *extra: str) -> str:
+    args = ["train", "launcher=slurm", "launcher.nproc_per_node=2", f"run_dir={run_dir}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigscale.cli", *args, *JOB, *extra],
+        cwd=cwd,
+        env={**env_for(home), **cluster.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, explain(proc)
+    found = re.search(r"submitted Slurm job (\d+)\nlog +(\S+)", proc.stdout)
+    assert found, proc.stdout
+    assert Path(found[2]) == run_dir / f"slurm-{found[1]}.out"
+    return found[1]
+
+
+def _wait_for_checkpoint(cluster: SlurmCluster, job: str, run_dir: Path, tag: str) -> None:
+    latest = run_dir / "checkpoints" / "latest"
+    cluster.wait_for(
+        lambda: latest.is_file() and latest.read_text().strip() == tag,
+        timeout=300,
+        what=lambda: f"{tag} of job {job} ({cluster.state(job)})",
+    )
+
+
+def _slurm_log(run_dir: Path, job: str) -> str:
+    return (run_dir / f"slurm-{job}.out").read_text()
+
+
+def _fields(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in train_rows(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def straight(slurm_cluster: SlurmCluster, bigscale_home: Path, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("slurm_straight")
+    run_dir = work / "run"
+    job = _submit(slurm_cluster, bigscale_home, work, run_dir)
+    state = slurm_cluster.wait_job(job, timeout=400)
+    assert state == "COMPLETED", (state, _slurm_log(run_dir, job)[-6000:])
+    return run_dir
+
+
+def test_submitted_job_trains_to_the_end(straight: Path) -> None:
+    assert [r["step"] for r in train_rows(straight)] == list(range(2, 25, 2))
+    assert (straight / "export" / "model.safetensors").is_file()
+    assert (straight / "train.sbatch").is_file() and (straight / "node.sh").is_file()
+
+
+def test_warned_job_checkpoints_requeues_and_resumes_exactly(
+    slurm_cluster: SlurmCluster, straight: Path, bigscale_home: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, bigscale_home, tmp_path, run_dir)
+    _wait_for_checkpoint(slurm_cluster, job, run_dir, "step_00000008")
+    slurm_cluster.run(["scancel", "--signal=USR1", job])
+    state = slurm_cluster.wait_job(job, timeout=400)
+    log = _slurm_log(run_dir, job)
+    assert state == "COMPLETED", (state, log[-6000:])
+    assert slurm_cluster.restarts(job) == 1
+
+    stopped = re.search(r"stopped at step (\d+) on SIGUSR1: checkpoint saved; requeued", log)
+    assert stopped, log[-6000:]
+    step = int(stopped[1])
+    assert 8 <= step < 24
+    assert re.search(rf"resumed from \S+step_{step:08d} at step {step}\b", log), log[-6000:]
+    assert _fields(run_dir) == _fields(straight)
+    # One W&B run across both attempts: every local W&B directory carries the same run id.
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(f"-{run_id}") for p in attempts), attempts
+
+
+def test_requeue_cap_is_respected(
+    slurm_cluster: SlurmCluster, bigscale_home: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, bigscale_home, tmp_path, run_dir, "launcher.max_requeues=0")
+    _wait_for_checkpoint(slurm_cluster, job, run_dir, "step_00000008")
+    slurm_cluster.run(["scancel", "--signal=USR1", job])
+    state = slurm_cluster.wait_job(job, timeout=300)
+    log = _slurm_log(run_dir, job)
+    assert state == "COMPLETED", (state, log[-6000:])
+    time.sleep(1)  # a requeue, had there been one, shows within the scheduler's interval
+    assert slurm_cluster.restarts(job) == 0
+    assert "has been requeued 0 time(s), launcher.max_requeues=0" in log, log[-6000:]
+    assert not (run_dir / "export").exists()  # stopped early, not finished
