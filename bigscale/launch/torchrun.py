@@ -11,6 +11,8 @@ with the first failing rank's code (128 + N for a rank killed by signal N) and a
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -19,6 +21,10 @@ from torch.distributed.run import parse_args, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchrun shares its rendezvous store with the ranks' process groups; after a restart the
+    # new ranks can read the dead ranks' addresses from it (pytorch#135712) and hang in their
+    # first new_group. A store of their own per restart avoids that.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     # The agent's warnings and errors (the OMP_NUM_THREADS banner, "sending SIGTERM", "failed
     # (exitcode: 2)") repeat what the ranks and the exit code already say. Only this process's
@@ -27,8 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        _, failure = exc.get_first_failure()
-        return failure.exitcode if failure.exitcode > 0 else 128 + abs(failure.exitcode)
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode < 0:
+            # A rank killed by a signal (the OOM killer, a node failure, kill -9) printed
+            # nothing itself; say which one, since the others were stopped because of it.
+            name = signal.Signals(-failure.exitcode).name
+            print(f"error: rank {rank} (pid {failure.pid}) was killed by {name}", file=sys.stderr)
+            return 128 - failure.exitcode
+        return failure.exitcode
     except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped
         return 128 + int(exc.sigval)
     return 0

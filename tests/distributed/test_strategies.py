@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.cli import QUICK, bigscale, explain, kill_after_checkpoint, start, train_rows
+from tests.cli import (
+    QUICK,
+    bigscale,
+    env_for,
+    explain,
+    kill_after_checkpoint,
+    start,
+    train_rows,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -168,6 +178,29 @@ def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} never started")
 
 
+def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str) -> None:
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.is_file() and latest.read_text().strip() == tag):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+
+
+def _popen(args: list[str], cwd: Path, home: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigscale.cli", *args],
+        cwd=cwd,
+        env=env_for(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _fields(rows: list[dict]) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
+
+
 def test_stop_signal_checkpoints_and_resumes_exactly(
     runs: dict[str, Path], tmp_path: Path, bigscale_home: Path
 ) -> None:
@@ -178,13 +211,10 @@ def test_stop_signal_checkpoints_and_resumes_exactly(
     args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK]
     proc = start(args, tmp_path, bigscale_home)
     rank1 = _rank_process(psutil.Process(proc.pid), 1)
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.is_file() and latest.read_text().strip() == "step_00000008"):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
+    _wait_for_checkpoint(proc, run_dir, "step_00000008")
     rank1.send_signal(signal.SIGUSR1)
     assert proc.wait(timeout=120) == 0
+    latest = run_dir / "checkpoints" / "latest"
     stopped_at = int(latest.read_text().strip().split("_")[1])
     assert 8 < stopped_at < 16, stopped_at  # a checkpoint the interval would not have written
     log = (run_dir / "train.log").read_text()
@@ -195,8 +225,41 @@ def test_stop_signal_checkpoints_and_resumes_exactly(
     done = bigscale(args, tmp_path, bigscale_home)
     assert done.returncode == 0, explain(done)
     assert f"at step {stopped_at}" in done.stderr
+    assert _fields(train_rows(run_dir)) == _fields(train_rows(runs["zero2"]))
 
-    def fields(rows: list[dict]) -> list[tuple]:
-        return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
 
-    assert fields(train_rows(run_dir)) == fields(train_rows(runs["zero2"]))
+def test_elastic_restart_resumes_from_the_latest_checkpoint(
+    runs: dict[str, Path], tmp_path: Path, bigscale_home: Path
+) -> None:
+    """With launcher.max_restarts=1, a rank killed mid-run makes torchrun restart the group,
+    which resumes from the latest checkpoint and ends as the uninterrupted run did."""
+    run_dir = tmp_path / "elastic"
+    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK]
+    proc = _popen([*args, "launcher.max_restarts=1"], tmp_path, bigscale_home)
+    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    _wait_for_checkpoint(proc, run_dir, "step_00000008")
+    rank1.kill()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-6000:]
+    log = (run_dir / "train.log").read_text()
+    assert re.search(r"resumed from \S+step_00000008 at step 8", log), log
+    assert _fields(train_rows(run_dir)) == _fields(train_rows(runs["zero2"]))
+    assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_dead_rank_ends_the_job_naming_it(tmp_path: Path, bigscale_home: Path) -> None:
+    """No restarts: a rank killed mid-run ends the whole job at once (well within the
+    collective timeout) with an error that names the rank."""
+    run_dir = tmp_path / "dead"
+    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK]
+    proc = _popen([*args, "dist.timeout_minutes=1"], tmp_path, bigscale_home)
+    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    _wait_for_checkpoint(proc, run_dir, "step_00000008")
+    pid = rank1.pid
+    rank1.kill()
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - killed < 60  # dist.timeout_minutes=1
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert f"error: rank 1 (pid {pid}) was killed by SIGKILL" in stderr, stderr
+    assert "error: run failed with exit code 137" in stderr
