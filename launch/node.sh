@@ -85,6 +85,12 @@ if [[ "$nproc" == auto ]]; then
         die "$python cannot import torch; set BIGSCALE_PYTHON to bigscale's interpreter"
 fi
 
+# A restarted group (BIGSCALE_MAX_RESTARTS > 0) must not meet in the store of the attempt before:
+# torchrun shares one store across attempts by default, and a new rank can read a dead rank's
+# address from it and wait in init_process_group for the whole collective timeout
+# (pytorch#135712). Unshared, each attempt's rank 0 hosts a fresh store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+
 cmd=(
     "$python" -m torch.distributed.run
     --nnodes "$nnodes"

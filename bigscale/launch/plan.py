@@ -68,7 +68,9 @@ class Plan:
 
     @property
     def in_process(self) -> bool:
-        return self.kind is LauncherKind.local and self.nproc == 1
+        """One local rank runs in this process, unless torchrun must be there to restart it."""
+        lc = self.cfg.launcher
+        return self.kind is LauncherKind.local and self.nproc == 1 and lc.max_restarts == 0
 
     def command(self) -> list[str]:
         """What ``bigscale train`` runs on this machine."""
@@ -86,11 +88,13 @@ class Plan:
             if port == 0
             else ["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
         )
+        restarts = self.cfg.launcher.max_restarts
         return [
             sys.executable,
             "-m",
             "torch.distributed.run",
             *rendezvous,
+            *(["--max_restarts", str(restarts)] if restarts else []),
             "--nproc_per_node",
             str(self.nproc),
             "-m",

@@ -124,6 +124,16 @@ def test_printed_multinode_command_is_runnable_shell(tmp_path: Path) -> None:
     assert shlex.split(line.removeprefix("command").strip()) == plan.command()
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_local_restarts_go_through_torchrun(nproc: int) -> None:
+    plan = plan_for([f"launcher.nproc_per_node={nproc}", "launcher.max_restarts=2"])
+    command = plan.command()
+    assert not plan.in_process
+    assert command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[command.index("--max_restarts") + 1] == "2"
+    assert "--max_restarts" not in plan_for([]).command()
+
+
 def test_slurm_command_submits_the_rendered_script(tmp_path: Path) -> None:
     plan = plan_for(["launcher=slurm", "run_dir=r"])
     assert plan.command() == ["sbatch", "--parsable", str(tmp_path / "r" / "train.sbatch")]
