@@ -109,9 +109,6 @@ if [[ "${BIGSCALE_DRY_RUN:-0}" == 1 ]]; then
     printf '\n'
     exit 0
 fi
-# After a restart (max_restarts > 0) the new ranks could read the dead ranks' addresses from the
-# rendezvous store torchrun shares with them and hang (pytorch#135712); give them their own.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 echo "node.sh: node $node_rank of $nnodes on $(hostname), rendezvous $endpoint (id $rdzv_id)," \
     "$nproc rank(s)" >&2
 exec "${cmd[@]}"
