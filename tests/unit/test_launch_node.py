@@ -207,16 +207,19 @@ def test_sigusr1_is_ignored_by_torchrun_and_catchable_by_ranks(tmp_path: Path) -
     """The interpreter node.sh execs starts with SIGUSR1 ignored (so Slurm's warning signal
     cannot kill torchrun's agent), and a handler installed later, as a training rank does, still
     receives it."""
-    probe = tmp_path / "python"
-    probe.write_text(
-        f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c '\n"
+    script = tmp_path / "probe.py"
+    script.write_text(
         "import os, signal\n"
         'print("ignored" if signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN else "default")\n'
         'signal.signal(signal.SIGUSR1, lambda *_: print("handled"))\n'
-        "os.kill(os.getpid(), signal.SIGUSR1)\n'\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        'print(os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"])\n'
     )
+    probe = tmp_path / "python"  # stands in for the interpreter; ignores torchrun's arguments
+    probe.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} {shlex.quote(str(script))}\n")
     probe.chmod(0o755)
     proc = node_sh({"BIGSCALE_PYTHON": str(probe)}, dry_run=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["ignored", "handled"]
+    # ...and torchrun gives every restart attempt a fresh store (pytorch#135712).
+    assert proc.stdout.split() == ["ignored", "handled", "1"]
     assert "node.sh: node 0 of 1" in proc.stderr
