@@ -28,6 +28,8 @@ test-fast: $(STAMP)  ## unit tests only
 
 bench: $(STAMP)  ## benchmarks (not part of the tests); results go in bench/RESULTS.md
 	$(BIN)/python bench/checkpoint_io.py
+	$(BIN)/python bench/resume_time.py
+	$(BIN)/python bench/export_memory.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
