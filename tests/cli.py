@@ -67,25 +67,32 @@ def torchrun(
     )
 
 
-def start(args: list[str], cwd: Path, home: Path) -> subprocess.Popen[bytes]:
-    """``bigscale`` in the background, for a test to SIGKILL mid-run."""
+def start(args: list[str], cwd: Path, home: Path, capture: bool = False) -> subprocess.Popen:
+    """``bigscale`` in the background, for a test to interrupt mid-run; with ``capture`` its
+    output is kept (read it with ``communicate()``)."""
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "bigscale.cli", *args],
         cwd=cwd,
         env=env_for(home),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out,
+        stderr=out,
+        text=capture,
     )
 
 
-def kill_after_checkpoint(proc: subprocess.Popen[bytes], run_dir: Path, tag: str) -> None:
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str) -> None:
+    """Until ``latest`` names ``tag``; fails if the run ends first."""
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text().strip() == tag:
-            break
+    while not (latest.is_file() and latest.read_text().strip() == tag):
+        assert proc.poll() is None, f"the run ended before {tag}"
+        assert time.monotonic() < deadline, f"no {tag} after 300 s"
         time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str) -> None:
+    wait_for_checkpoint(proc, run_dir, tag)
     time.sleep(0.3)  # into the next steps (or the next save): any moment must be survivable
     # torchrun starts each rank in a session of its own, so kill the whole tree explicitly.
     tree = psutil.Process(proc.pid)

@@ -1,14 +1,13 @@
 """Real torchrun, 2 processes on gloo, real DeepSpeed engines: ddp, ZeRO-2 and ZeRO-3 train the
-same tiny model on the same data; the loss falls, the exported model loads and generates, and
-ZeRO-3's gathered export matches the unpartitioned strategies' weights."""
+same tiny model on the same packed data; the loss falls, the exported model loads and generates,
+ZeRO-3's export matches the unpartitioned strategies' weights, and a run killed, stopped by a
+signal or restarted by torchrun ends exactly as the uninterrupted one."""
 
 from __future__ import annotations
 
 import contextlib
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,16 +20,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.cli import (
     QUICK,
     bigscale,
-    env_for,
     explain,
     kill_after_checkpoint,
     start,
     train_rows,
+    wait_for_checkpoint,
 )
 
 pytestmark = pytest.mark.distributed
 
 STRATEGIES = ["ddp", "zero2", "zero3"]
+# Packed sequences (2-3 sums per row at 32 tokens) in every run here, so the exact-resume tests
+# cover the packed data path too.
+ARGS = [*QUICK, "data.packing=true", "data.max_length=32"]
 # Non-reentrant activation checkpointing recomputes the same values, so turning it on for one
 # strategy must leave the losses and weights compared below unchanged.
 EXTRA = {"zero3": ["model.gradient_checkpointing=true"]}
@@ -48,7 +50,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
                 f"strategy={strategy}",
                 "launcher.nproc_per_node=2",
                 f"run_dir={run_dir}",
-                *QUICK,
+                *ARGS,
             ],
             cwd=work,
             home=bigscale_home,
@@ -148,7 +150,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(
         f"strategy={strategy}",
         "launcher.nproc_per_node=2",
         f"run_dir={run_dir}",
-        *QUICK,
+        *ARGS,
         *EXTRA.get(strategy, []),
     ]
     kill_after_checkpoint(start(args, tmp_path, bigscale_home), run_dir, "step_00000008")
@@ -178,25 +180,6 @@ def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} never started")
 
 
-def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str) -> None:
-    latest = run_dir / "checkpoints" / "latest"
-    deadline = time.monotonic() + 300
-    while not (latest.is_file() and latest.read_text().strip() == tag):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.02)
-
-
-def _popen(args: list[str], cwd: Path, home: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bigscale.cli", *args],
-        cwd=cwd,
-        env=env_for(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def _fields(rows: list[dict]) -> list[tuple]:
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
 
@@ -208,12 +191,13 @@ def test_stop_signal_checkpoints_and_resumes_exactly(
     finish the step, checkpoint it, and end cleanly; the same command then resumes from that
     step and reproduces the uninterrupted run."""
     run_dir = tmp_path / "stopped"
-    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK]
-    proc = start(args, tmp_path, bigscale_home)
+    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *ARGS]
+    proc = start(args, tmp_path, bigscale_home, capture=True)
     rank1 = _rank_process(psutil.Process(proc.pid), 1)
-    _wait_for_checkpoint(proc, run_dir, "step_00000008")
+    wait_for_checkpoint(proc, run_dir, "step_00000008")
     rank1.send_signal(signal.SIGUSR1)
-    assert proc.wait(timeout=120) == 0
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-6000:]
     latest = run_dir / "checkpoints" / "latest"
     stopped_at = int(latest.read_text().strip().split("_")[1])
     assert 8 < stopped_at < 16, stopped_at  # a checkpoint the interval would not have written
@@ -234,10 +218,10 @@ def test_elastic_restart_resumes_from_the_latest_checkpoint(
     """With launcher.max_restarts=1, a rank killed mid-run makes torchrun restart the group,
     which resumes from the latest checkpoint and ends as the uninterrupted run did."""
     run_dir = tmp_path / "elastic"
-    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK]
-    proc = _popen([*args, "launcher.max_restarts=1"], tmp_path, bigscale_home)
+    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *ARGS]
+    proc = start([*args, "launcher.max_restarts=1"], tmp_path, bigscale_home, capture=True)
     rank1 = _rank_process(psutil.Process(proc.pid), 1)
-    _wait_for_checkpoint(proc, run_dir, "step_00000008")
+    wait_for_checkpoint(proc, run_dir, "step_00000008")
     rank1.kill()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-6000:]
@@ -251,10 +235,10 @@ def test_dead_rank_ends_the_job_naming_it(tmp_path: Path, bigscale_home: Path) -
     """No restarts: a rank killed mid-run ends the whole job at once (well within the
     collective timeout) with an error that names the rank."""
     run_dir = tmp_path / "dead"
-    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *QUICK]
-    proc = _popen([*args, "dist.timeout_minutes=1"], tmp_path, bigscale_home)
+    args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *ARGS]
+    proc = start([*args, "dist.timeout_minutes=1"], tmp_path, bigscale_home, capture=True)
     rank1 = _rank_process(psutil.Process(proc.pid), 1)
-    _wait_for_checkpoint(proc, run_dir, "step_00000008")
+    wait_for_checkpoint(proc, run_dir, "step_00000008")
     pid = rank1.pid
     rank1.kill()
     killed = time.monotonic()
