@@ -194,7 +194,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     fused: bool | None = None
-    """Fused AdamW kernel; ``null`` means use it where available (CUDA)."""
+    """Fused AdamW kernel (CUDA and CPU); ``null`` means on. The CPU-offloaded optimizer uses
+    DeepSpeed's own CPU Adam instead."""
     schedule: Schedule = Schedule.cosine
     """Learning-rate shape after warmup."""
     warmup_steps: int = 0

@@ -114,6 +114,8 @@ class Trainer:
             )
         meta = self.checkpoints.load(point, self.engine, self.state)
         log.info("resumed from %s at step %d (epoch %d)", point, self.step, self.state.epoch)
+        for change in self.engine.apply_optim_settings(self.cfg.optim):
+            log.info("optimizer setting from the config, not the checkpoint: %s", change)
         if meta["world_size"] != self.env.world_size:
             log.info(
                 "the checkpoint was written by %d ranks, this run has %d: the data continues "

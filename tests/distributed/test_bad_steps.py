@@ -52,7 +52,9 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+# ddp runs bigscale's own skip (plain AdamW would apply the NaN), zero2 DeepSpeed's ZeRO
+# overflow check; ZeRO-3's is checked by the max_bad_steps test below.
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 def test_inf_loss_skips_the_step_and_leaves_the_weights(
     strategy: str, tmp_path: Path, bigscale_home: Path
 ) -> None:

@@ -118,3 +118,26 @@ def test_planted_pickle_does_not_execute_even_with_a_forged_manifest(
     assert proc.returncode == 2, explain(proc)
     assert "refusing to load" in proc.stderr
     assert not marker.exists()
+
+
+def test_resume_takes_the_optimizer_settings_from_the_config(
+    original: Path, tmp_path: Path, bigscale_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint restores the optimizer's state, but a resume "with a lower optim.lr" (the
+    advice after a divergence) must train with the new lr, weight decay and betas."""
+    from bigscale.config.compose import compose_config
+    from bigscale.dist.engine import lr_lambda
+
+    run = copy_run(original, tmp_path)
+    extra = ["trainer.max_steps=28", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.beta2=0.99"]
+    proc = resume(run, bigscale_home, *extra)
+    assert proc.returncode == 0, explain(proc)
+    log = (run / "train.log").read_text()
+    assert "optimizer setting from the config, not the checkpoint: peak lr" in log, log
+    assert "-> 0.001" in log and "weight_decay 0.0 -> 0.1 (group 0)" in log
+    assert "betas (0.9, 0.95) -> (0.9, 0.99)" in log
+    monkeypatch.setenv("BIGSCALE_HOME", str(bigscale_home))
+    cfg = compose_config([*ARGS[1:], *extra])
+    row = next(r for r in train_rows(run) if r["step"] == 26)
+    # The lr logged with a step is the one the schedule set for the next step.
+    assert row["lr"] == pytest.approx(1e-3 * lr_lambda(cfg.optim, 28)(26), rel=1e-9)
