@@ -240,6 +240,9 @@ class TrainerConfig:
     """DataLoader worker processes per rank."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
+    peak_tflops: float | None = None
+    """Peak dense bf16 TFLOP/s of one GPU, for MFU; null: looked up from the GPU's name (H100 and
+    H200 989, A100 312, ...). MFU is not reported on CPU."""
     max_bad_steps: int = 5
     """A step whose loss or gradient norm is not finite is skipped (no weight update); this
     many in a row end the run with exit code 3."""

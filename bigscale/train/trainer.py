@@ -24,6 +24,7 @@ from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
 from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
+from bigscale.metrics.throughput import Window, mfu_formula, sync
 from bigscale.model.load import load_model, load_tokenizer
 from bigscale.train import task_eval
 from bigscale.train.faults import Faults
@@ -39,6 +40,7 @@ log = get_logger(__name__)
 class StepStats:
     loss: float  # averaged over micro batches and ranks
     tokens: int  # real (non-padding) tokens all ranks consumed in the step
+    all_tokens: int  # real and padding: what the model computed on
     skipped: bool  # non-finite: the optimizer left the weights alone
 
 
@@ -79,6 +81,9 @@ class Trainer:
         self.engine = ds.Engine(model, cfg, ds_config)
         total, local = self.engine.parameter_counts()
         log.info("model: %s parameters, %s stored on rank 0", f"{total:,}", f"{local:,}")
+        self.mfu, mfu_note = mfu_formula(self.engine.module.config, total, cfg.trainer.peak_tflops)
+        log.info("%s", mfu_note)
+        self.window = Window()
         # Dropout masks differ per rank; data order comes from the sampler's own seed.
         torch.manual_seed(cfg.trainer.seed + env.rank)
 
@@ -148,15 +153,18 @@ class Trainer:
         t = self.cfg.trainer
         bar = ProgressBar(t.max_steps, self.step, self._show_progress())
         batches = self._batches()
-        window_tokens, window_start = 0, time.perf_counter()
+        self.window = Window()
+        window_tokens = window_all_tokens = 0
         while self.step < t.max_steps:
             stats = self.train_step(batches)
             window_tokens += stats.tokens
+            window_all_tokens += stats.all_tokens
             row = None
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                row = self._train_row(stats, window_tokens, time.perf_counter() - window_start)
+                row = self._train_row(stats, window_all_tokens, window_tokens)
                 self.metrics.log(row)
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens = window_all_tokens = 0
+                self.window = Window()
             bar.update(self.step, row)
             if self.stop_requested:
                 break
@@ -183,21 +191,32 @@ class Trainer:
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
         """One optimizer step: ``grad_accum`` micro batches, then clip + step (inside DeepSpeed)."""
         self.engine.train()
-        accum = self.cfg.trainer.grad_accum
-        loss_sum, tokens = 0.0, 0
+        accum, w = self.cfg.trainer.grad_accum, self.window
+        loss_sum, tokens, all_tokens = 0.0, 0, 0
         for _ in range(accum):
+            t0 = time.perf_counter()
             batch = next(batches)
+            t1 = time.perf_counter()
             loss = self.faults.loss(self.engine.forward(batch), self.step + 1)
             self.engine.backward(loss)
-            self.engine.step()
-            loss_sum += float(loss.detach())
+            loss_sum += float(loss.detach())  # waits for the device: forward and backward done
+            t2 = time.perf_counter()
+            self.engine.step()  # at the last micro batch: clip, optimizer, lr schedule
+            sync()
+            w.data_s += t1 - t0
+            w.compute_s += t2 - t1
+            w.optimizer_s += time.perf_counter() - t2
+            w.add_micro_batch(int(batch["input_ids"].shape[1]))
             tokens += int(batch["attention_mask"].sum())
+            all_tokens += int(batch["input_ids"].numel())
+        w.steps += 1
         self.state.step += 1
         # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
         # learns of a stop signal any rank received, so all stop after the same step.
         total = self._all_reduce_sum(
             torch.tensor(
-                [loss_sum / accum, tokens, float(self.stop_signals.received)], dtype=torch.float64
+                [loss_sum / accum, tokens, float(self.stop_signals.received), all_tokens],
+                dtype=torch.float64,
             )
         )
         mean_loss, step_tokens = float(total[0]) / self.env.world_size, int(total[1])
@@ -206,7 +225,9 @@ class Trainer:
         verdict = self.guard.judge(
             self.step, mean_loss, self.engine.grad_norm, self.engine.step_applied
         )
-        return StepStats(loss=mean_loss, tokens=step_tokens, skipped=verdict.skipped)
+        return StepStats(
+            loss=mean_loss, tokens=step_tokens, all_tokens=int(total[3]), skipped=verdict.skipped
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -311,12 +332,12 @@ class Trainer:
                 yield batch
             pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
-    def _train_row(self, stats: StepStats, window_tokens: int, seconds: float) -> dict[str, float]:
+    def _train_row(self, stats: StepStats, all_tokens: int, real_tokens: int) -> dict[str, float]:
         row: dict[str, float] = {
             "step": self.step,
             "loss": stats.loss,
             "lr": self.engine.lr,
-            "tokens_per_s": window_tokens / max(seconds, 1e-9),
+            **self.window.row(all_tokens, real_tokens, self.env.world_size, self.mfu),
             "epoch": self.state.epoch,
             "skipped_steps": self.state.skipped_steps,
             "loss_spikes": self.state.loss_spikes,
