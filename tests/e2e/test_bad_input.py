@@ -57,7 +57,7 @@ def sft_files(path: Path) -> list[str]:
     [
         pytest.param(
             ["trainer.max_stepz=5"],
-            ["trainer.max_stepz", "did you mean max_steps?"],
+            ["trainer.max_stepz", "did you mean max_steps"],
             id="unknown-key",
         ),
         pytest.param(
