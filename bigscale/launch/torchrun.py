@@ -16,8 +16,10 @@ import signal
 import sys
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import parse_args, run
+
+from bigscale.errors import BigscaleError, DivergenceError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        rank, failure = _cause(exc)
         if failure.exitcode < 0:
             # A rank killed by a signal (the OOM killer, a node failure, kill -9) printed
             # nothing itself; say which one, since the others were stopped because of it.
@@ -44,6 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     except SignalException as exc:  # Ctrl-C or a scheduler's SIGTERM: the ranks were stopped
         return 128 + int(exc.sigval)
     return 0
+
+
+def _cause(exc: ChildFailedError) -> tuple[int, ProcessFailure]:
+    """The failure that explains the others. A rank that stopped on a bigscale error (a refused
+    checkpoint, a divergence) said why and exited with its code; the ranks waiting for it in a
+    collective then crash too, and torchrun may see one of them first."""
+    for rank, failure in sorted(exc.failures.items()):
+        if failure.exitcode in (BigscaleError.exit_code, DivergenceError.exit_code):
+            return rank, failure
+    return exc.get_first_failure()
 
 
 if __name__ == "__main__":

@@ -143,7 +143,8 @@ def test_keep_last_rotation(runs: dict[str, Path]) -> None:
     assert (root / "latest").read_text().strip() == "step_00000024"
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+# zero2's exact resume is the reference of the signal and restart tests below.
+@pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_killed_and_resumed_run_matches_uninterrupted_run(
     runs: dict[str, Path], strategy: str, tmp_path: Path, bigscale_home: Path
 ) -> None:
