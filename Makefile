@@ -30,6 +30,8 @@ bench: $(STAMP)  ## benchmarks (not part of the tests); results go in bench/RESU
 	$(BIN)/python bench/checkpoint_io.py
 	$(BIN)/python bench/resume_time.py
 	$(BIN)/python bench/export_memory.py
+	$(BIN)/python bench/step_time.py
+	$(BIN)/python bench/data_pipeline.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
