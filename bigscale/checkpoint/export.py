@@ -8,6 +8,7 @@ model; no rank gathers the whole model."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -73,7 +74,7 @@ def write_weights(weights: dict, out_dir: Path, dtype: torch.dtype | None, shard
             continue
         seen.add(key)
         target = dtype if dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
-        nbytes = _numel(tensor) * target.itemsize
+        nbytes = math.prod(tensor.shape) * target.itemsize
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -104,13 +105,6 @@ def _identity(tensor: object) -> tuple:
     if isinstance(tensor, torch.Tensor):  # tied weights of a stage-0 checkpoint share storage
         return ("storage", tensor.untyped_storage().data_ptr(), tensor.storage_offset())
     return ("object", id(tensor))
-
-
-def _numel(tensor: object) -> int:
-    n = 1
-    for d in tensor.shape:  # type: ignore[attr-defined]
-        n *= int(d)
-    return n
 
 
 # The Hugging Face files (config, tokenizer) saved beside DeepSpeed's shards, so a checkpoint

@@ -228,14 +228,17 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
 
-    def step(self) -> None:
+    def step(self) -> bool:
         """Advance one micro batch; at the accumulation boundary this clips and steps the
-        optimizer and the lr schedule, or skips them when the gradient norm is not finite."""
-        if self._engine.is_gradient_accumulation_boundary() and self.zero_stage == 0:
+        optimizer and the lr schedule, or skips them when the gradient norm is not finite.
+        Returns whether this was the boundary."""
+        boundary = bool(self._engine.is_gradient_accumulation_boundary())
+        if boundary and self.zero_stage == 0:
             self._manual_grad_norm = norm = self._local_grad_norm()
             if isinstance(self._base_optimizer, _SkippableAdamW):
                 self._base_optimizer.overflow = norm is not None and not math.isfinite(norm)
         self._engine.step()
+        return boundary
 
     @property
     def step_applied(self) -> bool:

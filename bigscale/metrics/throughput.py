@@ -57,10 +57,12 @@ def flops_per_token(config: Any, parameters: int, seq_len: float) -> float:
 
 @dataclass
 class Window:
-    """What the steps since the last logged row did, on this rank; ``row`` turns it into rates
-    once the token counts are summed over ranks."""
+    """What the steps since the last logged row did: times on this rank, tokens summed over all
+    ranks; ``row`` turns it into per-step averages and rates."""
 
     steps: int = 0
+    real_tokens: int = 0
+    all_tokens: int = 0
     data_s: float = 0.0
     compute_s: float = 0.0
     optimizer_s: float = 0.0
@@ -72,10 +74,14 @@ class Window:
         self.seq_len_sum += seq_len
         self.micro_batches += 1
 
-    def row(
-        self, all_tokens: int, real_tokens: int, world_size: int, mfu_of: MfuFormula | None
-    ) -> dict[str, float]:
-        """Per-step averages and rates over the window; token counts are all ranks' sums."""
+    def end_step(self, real_tokens: int, all_tokens: int) -> None:
+        """One optimizer step done; its token counts are all ranks' sums."""
+        self.steps += 1
+        self.real_tokens += real_tokens
+        self.all_tokens += all_tokens
+
+    def row(self, world_size: int, mfu_of: MfuFormula | None) -> dict[str, float]:
+        real_tokens, all_tokens = self.real_tokens, self.all_tokens
         seconds = max(time.perf_counter() - self.started, 1e-9)
         steps = max(self.steps, 1)
         out = {

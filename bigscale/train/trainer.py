@@ -39,8 +39,6 @@ log = get_logger(__name__)
 @dataclass
 class StepStats:
     loss: float  # averaged over micro batches and ranks
-    tokens: int  # real (non-padding) tokens all ranks consumed in the step
-    all_tokens: int  # real and padding: what the model computed on
     skipped: bool  # non-finite: the optimizer left the weights alone
 
 
@@ -153,17 +151,13 @@ class Trainer:
         t = self.cfg.trainer
         bar = ProgressBar(t.max_steps, self.step, self._show_progress())
         batches = self._batches()
-        self.window = Window()
-        window_tokens = window_all_tokens = 0
+        self.window = Window()  # not counting the evaluation before training
         while self.step < t.max_steps:
             stats = self.train_step(batches)
-            window_tokens += stats.tokens
-            window_all_tokens += stats.all_tokens
             row = None
             if self.step % t.log_every == 0 or self.step == t.max_steps:
-                row = self._train_row(stats, window_all_tokens, window_tokens)
+                row = self._train_row(stats)
                 self.metrics.log(row)
-                window_tokens = window_all_tokens = 0
                 self.window = Window()
             bar.update(self.step, row)
             if self.stop_requested:
@@ -201,15 +195,16 @@ class Trainer:
             self.engine.backward(loss)
             loss_sum += float(loss.detach())  # waits for the device: forward and backward done
             t2 = time.perf_counter()
-            self.engine.step()  # at the last micro batch: clip, optimizer, lr schedule
-            sync()
+            if self.engine.step():  # the last micro batch: clip, optimizer, lr schedule
+                # Waits once per step, not per micro batch: ZeRO's gradient reduction on its own
+                # stream may overlap the next micro batch's forward.
+                sync()
             w.data_s += t1 - t0
             w.compute_s += t2 - t1
             w.optimizer_s += time.perf_counter() - t2
             w.add_micro_batch(int(batch["input_ids"].shape[1]))
             tokens += int(batch["attention_mask"].sum())
             all_tokens += int(batch["input_ids"].numel())
-        w.steps += 1
         self.state.step += 1
         # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
         # learns of a stop signal any rank received, so all stop after the same step.
@@ -222,12 +217,11 @@ class Trainer:
         mean_loss, step_tokens = float(total[0]) / self.env.world_size, int(total[1])
         self.stop_requested = bool(total[2] > 0)
         self.state.tokens_seen += step_tokens
+        w.end_step(step_tokens, int(total[3]))
         verdict = self.guard.judge(
             self.step, mean_loss, self.engine.grad_norm, self.engine.step_applied
         )
-        return StepStats(
-            loss=mean_loss, tokens=step_tokens, all_tokens=int(total[3]), skipped=verdict.skipped
-        )
+        return StepStats(loss=mean_loss, skipped=verdict.skipped)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -332,12 +326,12 @@ class Trainer:
                 yield batch
             pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
 
-    def _train_row(self, stats: StepStats, all_tokens: int, real_tokens: int) -> dict[str, float]:
+    def _train_row(self, stats: StepStats) -> dict[str, float]:
         row: dict[str, float] = {
             "step": self.step,
             "loss": stats.loss,
             "lr": self.engine.lr,
-            **self.window.row(all_tokens, real_tokens, self.env.world_size, self.mfu),
+            **self.window.row(self.env.world_size, self.mfu),
             "epoch": self.state.epoch,
             "skipped_steps": self.state.skipped_steps,
             "loss_spikes": self.state.loss_spikes,

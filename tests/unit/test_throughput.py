@@ -55,9 +55,10 @@ def test_mfu_is_achieved_over_peak() -> None:
 def test_window_rates(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([100.0, 102.0])
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
-    w = Window(steps=4, data_s=0.4, compute_s=1.2, optimizer_s=0.2)
+    w = Window(steps=3, data_s=0.4, compute_s=1.2, optimizer_s=0.2)
     w.add_micro_batch(512)
-    row = w.row(all_tokens=10_000, real_tokens=9_000, world_size=2, mfu_of=None)
+    w.end_step(real_tokens=9_000, all_tokens=10_000)  # the 4th step
+    row = w.row(world_size=2, mfu_of=None)
     assert row["tokens_per_s"] == 5_000 and row["real_tokens_per_s"] == 4_500
     assert row["real_token_share"] == 0.9
     assert row["step_time_s"] == 0.5 and row["data_wait_s"] == pytest.approx(0.1)
@@ -69,13 +70,14 @@ def test_window_rates(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_window_reports_mfu_per_gpu_on_real_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([0.0, 1.0])
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
-    w = Window(steps=1)
+    w = Window()
     w.add_micro_batch(2048)
+    w.end_step(real_tokens=90_000, all_tokens=100_000)
     seen = {}
 
     def mfu_of(per_gpu: float, seq_len: float) -> float:
         seen.update(per_gpu=per_gpu, seq_len=seq_len)
         return 0.5
 
-    row = w.row(all_tokens=100_000, real_tokens=90_000, world_size=8, mfu_of=mfu_of)
+    row = w.row(world_size=8, mfu_of=mfu_of)
     assert row["mfu"] == 0.5 and seen == {"per_gpu": 90_000 / 8, "seq_len": 2048}
