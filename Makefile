@@ -32,6 +32,7 @@ bench: $(STAMP)  ## benchmarks (not part of the tests); results go in bench/RESU
 	$(BIN)/python bench/export_memory.py
 	$(BIN)/python bench/step_time.py
 	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/adamw_cpu.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
