@@ -212,8 +212,8 @@ def time_collation(
     for _ in loader:
         pass
     end_to_end = time.perf_counter() - t0
-    positions = sum(b["attention_mask"].numel() for b in out)
-    real = sum(int(b["attention_mask"].sum()) for b in out)
+    positions = sum(b["input_ids"].numel() for b in out)
+    real = sum(int(b["num_tokens"]) for b in out)
     loss = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in out)
     return alone, end_to_end, (real / positions, loss / positions, positions)
 

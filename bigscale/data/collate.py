@@ -1,4 +1,8 @@
-"""Batches from tokenized examples: right-padding per batch, or packing several examples per row."""
+"""Batches from tokenized examples: right-padding per batch, or packing several examples per row.
+
+A batch is a dict of the model's inputs (``MODEL_INPUTS``) plus ``num_tokens``, the count of real
+(non-padding) tokens, which throughput accounting reads and the model never sees.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ import datasets
 import torch
 
 from bigscale.data.tokenize import IGNORE_INDEX
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")
+"""Batch keys passed to the model's forward."""
 
 
 def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
@@ -21,7 +28,8 @@ def _pad(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor
 def pad_collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example.
 
-    Returns ``input_ids``, ``labels`` (-100 on pad) and ``attention_mask`` (0 on pad), all long.
+    Returns ``input_ids``, ``labels`` (-100 on pad) and ``attention_mask`` (0 on pad), all long,
+    and ``num_tokens``.
     """
     ids = [e["input_ids"] for e in examples]
     length = max(len(r) for r in ids)
@@ -29,6 +37,7 @@ def pad_collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.
         "input_ids": _pad(ids, length, pad_id),
         "labels": _pad([e["labels"] for e in examples], length, IGNORE_INDEX),
         "attention_mask": _pad([[1] * len(r) for r in ids], length, 0),
+        "num_tokens": torch.tensor(sum(len(r) for r in ids)),
     }
 
 
@@ -65,10 +74,9 @@ def pack_examples(
     """Pack whole examples into rows of at most ``max_length`` tokens (first fit, deterministic).
 
     Rows carry ``input_ids``, ``labels``, ``position_ids`` and ``num_docs``. ``position_ids``
-    restart at 0 for every document: attention kernels that accept packed sequences
-    (``flash_attention_2``) use them to keep documents from attending to each other, while
-    ``sdpa``/``eager`` attend across documents within a row. The first token of each document
-    gets no loss. Packing works within windows of ``batch_size`` examples, so it scales linearly.
+    restart at 0 for every document, which is how the model keeps documents apart (see
+    ``pack_collate``). The first token of each document gets no loss. Packing works within windows
+    of ``batch_size`` examples, so it scales linearly.
     """
     return ds.map(
         _pack_batch,
@@ -95,19 +103,35 @@ def pack_collate(
 ) -> dict[str, torch.Tensor]:
     """Pad packed rows to ``max_length`` (default: the longest row) for a fixed batch shape.
 
-    Adds ``position_ids`` (0 on pad) to what ``pad_collate`` returns; see ``pack_examples``.
+    Returns ``input_ids``, ``labels`` (-100 on pad), ``position_ids`` and ``num_tokens``, and no
+    ``attention_mask``: given position ids and no mask, transformers' attention (sdpa, eager,
+    flex: a block-diagonal causal mask; flash_attention_2: variable-length kernels) keeps every
+    document to itself, so a packed document's logits equal its logits alone. The padding tail
+    of a row gets positions 0, 1, ... too: it is one more document, attending only to itself.
     """
     length = max_length or max(len(e["input_ids"]) for e in examples)
     ids = [e["input_ids"] for e in examples]
+    positions = [
+        list(e["position_ids"]) + list(range(length - len(e["position_ids"]))) for e in examples
+    ]
     return {
         "input_ids": _pad(ids, length, pad_id),
         "labels": _pad([e["labels"] for e in examples], length, IGNORE_INDEX),
-        "attention_mask": _pad([[1] * len(r) for r in ids], length, 0),
-        "position_ids": _pad([e["position_ids"] for e in examples], length, 0),
+        "position_ids": torch.tensor(positions, dtype=torch.long),
+        "num_tokens": torch.tensor(sum(len(r) for r in ids)),
     }
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The model's forward arguments for a training or evaluation batch.
+
+    ``use_cache=False``: a model left at its default builds a KV cache even in training, and
+    transformers only reads document boundaries from ``position_ids`` when there is no cache, so
+    packed documents would attend to each other. No cache is wanted here anyway.
+    """
+    return {"use_cache": False, **{k: v for k, v in batch.items() if k in MODEL_INPUTS}}
 
 
 def real_token_fraction(batch: dict[str, torch.Tensor]) -> float:
     """Share of the batch's positions that hold real tokens rather than padding."""
-    mask = batch["attention_mask"]
-    return float(mask.sum().item()) / max(mask.numel(), 1)
+    return float(batch["num_tokens"]) / max(batch["input_ids"].numel(), 1)

@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers.integrations import HfDeepSpeedConfig
 
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
+from bigscale.data.collate import model_inputs
 from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
@@ -209,6 +210,9 @@ class Engine:
         )
         self._manual_grad_norm: float | None = None
         self._base_optimizer = optimizer
+        # Frozen weights (LoRA's base model) are not checkpointed: they come from the
+        # pretrained model again on resume, so loading must accept their absence.
+        self.has_frozen = any(not p.requires_grad for p in model.parameters())
 
     @property
     def module(self) -> torch.nn.Module:
@@ -222,7 +226,10 @@ class Engine:
         self._engine.train(mode)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        inputs = {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in model_inputs(batch).items()
+        }
         return self._engine(**inputs).loss
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -275,7 +282,9 @@ class Engine:
     def save_checkpoint(self, directory: Path, tag: str) -> None:
         """DeepSpeed's sharded model + optimizer + lr-schedule state (collective: every rank
         writes its part). ``latest`` is bigscale's to move, after the checkpoint is complete."""
-        self._engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+        self._engine.save_checkpoint(
+            str(directory), tag=tag, save_latest=False, exclude_frozen_parameters=self.has_frozen
+        )
 
     def load_checkpoint(self, directory: Path, tag: str) -> None:
         """Restore model, optimizer and lr schedule, on this world size whatever the one that
@@ -310,6 +319,7 @@ class Engine:
                     tag=tag,
                     load_optimizer_states=True,
                     load_lr_scheduler_states=True,
+                    load_module_strict=not self.has_frozen,
                 )
         finally:
             config.load_universal_checkpoint = before

@@ -62,7 +62,9 @@ def test_pack_collate_pads_to_max_length() -> None:
     packed = pack_examples(docs_dataset([3, 4, 6]), max_length=8)
     batch = pack_collate([packed[i] for i in range(len(packed))], pad_id=0, max_length=8)
     assert batch["input_ids"].shape == (2, 8)
-    assert batch["attention_mask"].tolist() == [[1] * 7 + [0], [1] * 6 + [0] * 2]
-    assert batch["position_ids"].tolist()[0] == [0, 1, 2, 0, 1, 2, 3, 0]
+    # No attention mask: the restarting positions keep documents (and the padding tail) apart.
+    assert "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1]]
+    assert int(batch["num_tokens"]) == 13
     assert batch["labels"].tolist()[1][6:] == [IGN, IGN]
     assert real_token_fraction(batch) == pytest.approx(13 / 16)
