@@ -50,6 +50,7 @@ class DataStyle(str, Enum):
     text = "text"  # continued pre-training: loss on every token
     prompt_response = "prompt_response"  # SFT: loss on the response only
     chat = "chat"  # SFT on role/content messages through the tokenizer's chat template
+    alpaca = "alpaca"  # instruction (+ input) / output, rendered as a chat through the template
 
 
 class Overlong(str, Enum):
@@ -149,6 +150,16 @@ class DataConfig:
     """Column holding the response (style=prompt_response)."""
     messages_field: str = "messages"
     """Column holding a list of {role, content} messages (style=chat)."""
+    instruction_field: str = "instruction"
+    """Column holding the instruction (style=alpaca): the user turn."""
+    input_field: str = "input"
+    """Optional column appended to the instruction after a blank line (style=alpaca)."""
+    output_field: str = "output"
+    """Column holding the answer (style=alpaca): the assistant turn, the only loss."""
+    chat_template: str | None = None
+    """Chat template for style=chat|alpaca, replacing the tokenizer's own: a built-in name
+    (chatml, llama3, zephyr, alpaca) or a path to a .jinja file; null keeps the tokenizer's.
+    Also used by the generation eval and saved with the exported tokenizer."""
     max_length: int = 512
     """Longest tokenized sequence."""
     overlong: Overlong = Overlong.truncate
@@ -250,6 +261,25 @@ class TrainerConfig:
     """What a sudden jump of the training loss does."""
 
 
+class StopMode(str, Enum):
+    auto = "auto"  # min for eval_loss and eval_ppl, max for any other metric
+    min = "min"
+    max = "max"
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metric: str | None = None
+    """Metric watched at every ``trainer.eval_every``: eval_loss, eval_ppl, exact_match (needs
+    ``eval.during_training``) or a key of ``eval.metric_fn``'s result; null: off."""
+    mode: StopMode = StopMode.auto
+    """Whether lower (min) or higher (max) is better."""
+    patience: int = 3
+    """Evaluations in a row without an improvement of more than ``min_delta`` before stopping."""
+    min_delta: float = 0.0
+    """Smallest change over the best value so far that counts as an improvement."""
+
+
 @dataclass
 class EvalConfig:
     exact_match: bool | None = None
@@ -261,6 +291,15 @@ class EvalConfig:
     """Tokens generated per answer."""
     batch_size: int = 128
     """Prompts per generation batch per rank."""
+    during_training: bool = False
+    """Also generate and score the held-out set at every ``trainer.eval_every``, not only
+    before and after training."""
+    metric_fn: str | None = None
+    """``package.module:function`` called on rank 0 with (predictions, references), two lists
+    of strings, returning a float (logged under the function's name) or a dict of floats;
+    importable from the installed packages or the working directory."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """End training (normally: final eval, checkpoint, export) once a metric stops improving."""
 
 
 @dataclass

@@ -182,6 +182,12 @@ def _check_data(cfg: TrainConfig) -> None:
             "eval.exact_match=true needs data.test_path (a prompt/response file held out from "
             "training)"
         )
+    # Light modules (no torch): an unknown template name or metric_fn fails in the launcher.
+    from bigscale.data.chat import template_source
+    from bigscale.train import early_stop
+
+    template_source(d)
+    early_stop.check(cfg)
 
 
 def _check_model(cfg: TrainConfig) -> None:

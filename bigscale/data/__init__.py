@@ -5,6 +5,7 @@ not pay for importing torch.
 
 - ``sources``: resolve and check local files (``preflight``), load raw splits (``load_raw``).
 - ``tokenize``: ``encode_example``, ``tokenize_split`` and its ``TokenizeReport``, ``cache_key``.
+- ``chat``: chat templates (built-in and user), conversation checks, the assistant-only mask.
 - ``collate``: ``pad_collate``, ``pack_examples``/``pack_collate``, ``real_token_fraction``.
 - ``sampler``: ``ResumableDistributedSampler``.
 - ``tasks``: the built-in arithmetic task.

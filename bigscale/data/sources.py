@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bigscale.config.schema import DataConfig, DataFormat, DataStyle
+from bigscale.data.chat import CHAT_STYLES, preflight_rows
 from bigscale.errors import DataError
 
 if TYPE_CHECKING:  # datasets is imported lazily: pre-flight runs in the launcher and needs none
@@ -63,6 +64,11 @@ def required_fields(cfg: DataConfig) -> list[tuple[str, str]]:
         return [
             ("data.prompt_field", cfg.prompt_field),
             ("data.response_field", cfg.response_field),
+        ]
+    if style is DataStyle.alpaca:  # data.input_field is optional
+        return [
+            ("data.instruction_field", cfg.instruction_field),
+            ("data.output_field", cfg.output_field),
         ]
     return [("data.messages_field", cfg.messages_field)]
 
@@ -132,6 +138,8 @@ def _check_jsonl(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -> 
                     f"{path}:{lineno}: {key}={column!r} is missing or null on this line. "
                     "Fix or remove that line."
                 )
+    if DataStyle(cfg.style) in CHAT_STYLES:  # roles, last turn: cheap, and named by file:line
+        preflight_rows(rows, cfg, str(path))
 
 
 def _check_json_array(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -> None:
@@ -228,11 +236,13 @@ def preflight(cfg: DataConfig) -> None:
         for f in _local_files(cfg.validation_path, "data.validation_path"):
             check_local_file(f, cfg)
     if cfg.test_path:
-        # The exact-match metric reads prompt/answer pairs whatever the training style.
+        # The generation eval reads conversations for chat styles, else prompt/answer pairs.
         pairs = [
             ("data.prompt_field", cfg.prompt_field),
             ("data.response_field", cfg.response_field),
         ]
+        if DataStyle(cfg.style) in CHAT_STYLES:
+            pairs = required_fields(cfg)
         for f in _local_files(cfg.test_path, "data.test_path"):
             check_local_file(f, cfg, fields=pairs)
 

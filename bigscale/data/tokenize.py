@@ -1,8 +1,9 @@
 """Raw examples -> ``input_ids`` and ``labels`` (-100 where no loss), with overlong handling.
 
-The three styles differ only in which tokens carry loss: every token but BOS (text), the response
-and EOS (prompt_response), or the assistant turns (chat). Chat turns are located by rendering the
-conversation prefix by prefix, so it works with whatever markers a chat template uses.
+The styles differ only in which tokens carry loss: every token but BOS (text), the response and
+EOS (prompt_response), or the assistant turns (chat, and alpaca rendered as a chat). Chat turns
+are located by rendering the conversation prefix by prefix (``bigscale.data.chat``), so it works
+with whatever markers a chat template uses.
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import datasets
 import numpy as np
 
 from bigscale.config.schema import DataConfig, DataStyle, Overlong
+from bigscale.data.chat import (
+    CHAT_STYLES,
+    IGNORE_INDEX,
+    conversation,
+    encode_chat,
+    require_chat_template,
+)
 from bigscale.errors import DataError
-
-IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant", "tool")
 
 # Bump when the encoding changes, so caches written by an older bigscale are not reused.
 _ENCODING_VERSION = 1
@@ -69,88 +74,6 @@ def _text(example: dict, column: str, key: str, index: int | None) -> str:
     return value
 
 
-def require_chat_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"data.style=chat needs a chat template, but tokenizer "
-            f"{getattr(tokenizer, 'name_or_path', '')!r} has none. Set one (a 'chat_template' "
-            "in the tokenizer directory, e.g. chat_template.jinja) or use "
-            "data.style=prompt_response."
-        )
-
-
-def _messages(example: dict, cfg: DataConfig, index: int | None) -> list[dict[str, Any]]:
-    at = f"example {index}" if index is not None else "an example"
-    raw = _field(example, cfg.messages_field, "data.messages_field", index)
-    if not isinstance(raw, list) or not raw:
-        raise DataError(
-            f"{at}: data.messages_field={cfg.messages_field!r} must be a non-empty list."
-        )
-    messages = []
-    for m in raw:
-        if not isinstance(m, dict) or "role" not in m:
-            raise DataError(f"{at}: every message needs a 'role' and a 'content', got {m!r}.")
-        if m["role"] not in ROLES:
-            raise DataError(
-                f"{at}: unknown role {m['role']!r}; roles must be one of {list(ROLES)}."
-            )
-        # Arrow gives every message the union of keys seen in the column, absent ones as None.
-        messages.append({k: v for k, v in m.items() if v is not None})
-    return messages
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _encode_chat(
-    messages: list[dict], tokenizer: Any, index: int | None
-) -> tuple[list[int], list[int]]:
-    def render(msgs: list[dict], generation_prompt: bool) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=generation_prompt
-            )
-        except Exception as e:  # jinja's TemplateError, or whatever the template raises
-            at = f"example {index}" if index is not None else "an example"
-            raise DataError(f"{at}: the chat template failed on this conversation: {e}") from e
-
-    full = render(messages, False)
-    # Character span of each assistant turn within the full rendering. The start is after the
-    # generation prompt (the "assistant:" header the model is given at inference); the end is
-    # what rendering that message added. The common prefix with the full text keeps this right
-    # for templates that render earlier turns differently once later ones exist.
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = _common_prefix(render(messages[:i], True), full) if i else 0
-        end = _common_prefix(render(messages[: i + 1], False), full)
-        if end > start:
-            spans.append((start, end))
-
-    if not getattr(tokenizer, "is_fast", False):
-        # Python tokenizers have no character offsets: use token counts of the rendered prefixes.
-        ids = _tokens(tokenizer, full)
-        labels = [IGNORE_INDEX] * len(ids)
-        for s, e in spans:
-            lo, hi = len(_tokens(tokenizer, full[:s])), len(_tokens(tokenizer, full[:e]))
-            labels[lo:hi] = ids[lo:hi]
-        return ids, labels
-    # A token carries loss when it starts inside an assistant span.
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    labels = [
-        tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-        for tok, (start, _) in zip(ids, offsets, strict=True)
-    ]
-    return ids, labels
-
-
 def encode_example(
     example: dict, tokenizer: Any, cfg: DataConfig, index: int | None = None
 ) -> dict[str, list[int]]:
@@ -159,7 +82,8 @@ def encode_example(
     Styles: ``text`` is BOS + text + EOS with loss on all but BOS (none for blank text);
     ``prompt_response`` is BOS + prompt + response + EOS with loss on response + EOS; ``chat`` is
     the chat template's rendering with loss on the assistant turns (content and end marker, not
-    the header the generation prompt supplies).
+    the header the generation prompt supplies); ``alpaca`` is a user turn (instruction + input)
+    and an assistant turn (output), rendered and masked as ``chat``.
 
     ``index`` only makes error messages point at the offending example.
     """
@@ -185,8 +109,9 @@ def encode_example(
             "input_ids": masked + response,
             "labels": [IGNORE_INDEX] * len(masked) + response,
         }
-    require_chat_template(tokenizer)
-    ids, labels = _encode_chat(_messages(example, cfg, index), tokenizer, index)
+    # chat and alpaca: both become messages rendered through the chat template (bigscale.data.chat)
+    require_chat_template(tokenizer, cfg)
+    ids, labels = encode_chat(conversation(example, cfg, index), tokenizer, index)
     return {"input_ids": ids, "labels": labels}
 
 
@@ -247,7 +172,10 @@ def cache_key(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, extra: str 
     settings = {
         "version": _ENCODING_VERSION,
         "style": DataStyle(cfg.style).value,
-        "fields": [cfg.text_field, cfg.prompt_field, cfg.response_field, cfg.messages_field],
+        "fields": [
+            *(cfg.text_field, cfg.prompt_field, cfg.response_field, cfg.messages_field),
+            *(cfg.instruction_field, cfg.input_field, cfg.output_field),
+        ],
         "max_length": cfg.max_length,
         "overlong": Overlong(cfg.overlong).value,
         "extra": extra,
@@ -312,8 +240,8 @@ def tokenize_split(
     reused by any later call with the same name. ``key`` (default ``cache_key(...)``) becomes the
     result's fingerprint, so no rank has to hash the tokenizer through ``datasets``.
     """
-    if DataStyle(cfg.style) is DataStyle.chat:
-        require_chat_template(tokenizer)
+    if DataStyle(cfg.style) in CHAT_STYLES:
+        require_chat_template(tokenizer, cfg)
     key = key or cache_key(ds, tokenizer, cfg)
     mapped = ds.map(
         _encode_batch,

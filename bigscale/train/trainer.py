@@ -18,6 +18,7 @@ from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.schema import TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
+from bigscale.data.chat import set_chat_template
 from bigscale.data.pipeline import build_datasets, build_loader
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
@@ -27,8 +28,10 @@ from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.metrics.throughput import Window, mfu_formula, sync
 from bigscale.model.load import load_model, load_tokenizer
 from bigscale.train import task_eval
+from bigscale.train.early_stop import EarlyStopper
 from bigscale.train.faults import Faults
 from bigscale.train.guard import StepGuard
+from bigscale.train.metric_fn import load_metric_fn
 from bigscale.train.preemption import StopSignals, requeue_slurm_job, signal_name
 from bigscale.train.state import TrainState
 from bigscale.versions import package_versions
@@ -49,6 +52,7 @@ class Trainer:
         torch.manual_seed(cfg.trainer.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)
+        set_chat_template(self.tokenizer, cfg.data)  # before tokenizing: cache keys hash it
         # Data before the model: a broken dataset should fail before minutes of model loading.
         self.data = build_datasets(
             cfg.data, self.tokenizer, env, cfg.trainer.seed, self._tokenized_cache_dir()
@@ -91,11 +95,13 @@ class Trainer:
         self.stop_signals = StopSignals()
         self.stop_requested = False
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
+        self.early_stop = EarlyStopper(cfg.eval.early_stopping)
         self.resume()
         self.metrics = MetricsLogger(
             run_dir, cfg.logger, to_plain_dict(cfg), env.is_main, resumed_at=self.state.step
         )
         self.task_examples = self._task_examples()
+        self.metric_fn = load_metric_fn(cfg.eval.metric_fn)
 
     @property
     def step(self) -> int:
@@ -116,6 +122,7 @@ class Trainer:
                 + "). Use a new run_dir, or set checkpoint.allow_config_change=true if intended."
             )
         meta = self.checkpoints.load(point, self.engine, self.state)
+        self.early_stop.load_state_dict(meta.get("early_stopping"))
         log.info("resumed from %s at step %d (epoch %d)", point, self.step, self.state.epoch)
         for change in self.engine.apply_optim_settings(self.cfg.optim):
             log.info("optimizer setting from the config, not the checkpoint: %s", change)
@@ -132,13 +139,15 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         summary: dict[str, float] = {}
         if self.task_examples and self.step == 0:
-            summary["exact_match_before"] = self._report_task_metric("before")
+            summary.update(self._report_task_metric("before"))
         self.train_loop()
         if self.stop_requested:
             return self.stop_early()
         summary.update(self._report_final_eval())
         if self.task_examples:
-            summary["exact_match_after"] = self._report_task_metric("after")
+            summary.update(self._report_task_metric("after"))
+        if self.early_stop.stopped_at is not None:
+            summary["early_stopped_at_step"] = float(self.early_stop.stopped_at)
         self.save_checkpoint(force=True)
         if self.cfg.export.at_end:
             self.export(self.run_dir / "export")
@@ -152,7 +161,7 @@ class Trainer:
         bar = ProgressBar(t.max_steps, self.step, self._show_progress())
         batches = self._batches()
         self.window = Window()  # not counting the evaluation before training
-        while self.step < t.max_steps:
+        while self.step < t.max_steps and self.early_stop.stopped_at is None:
             stats = self.train_step(batches)
             row = None
             if self.step % t.log_every == 0 or self.step == t.max_steps:
@@ -162,8 +171,8 @@ class Trainer:
             bar.update(self.step, row)
             if self.stop_requested:
                 break
-            if self._eval_due():
-                self.metrics.log({"step": self.step, **self.evaluate()})
+            if self._eval_due() and self._periodic_eval():
+                break  # early stopping: the run then ends as usual (final eval, save, export)
             self.save_checkpoint(force=False)
         bar.close()
 
@@ -239,20 +248,35 @@ class Trainer:
         loss = float(total[0] / total[1]) if total[1] else float("nan")
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
-    def evaluate_task(self) -> float:
-        return task_eval.exact_match(
+    def _periodic_eval(self) -> bool:
+        """Validation loss (and, with ``eval.during_training``, the generation metrics), logged;
+        True when early stopping ends training here."""
+        row = self.evaluate()
+        if self.cfg.eval.during_training and self.task_examples:
+            row.update(self.evaluate_task())
+        self.metrics.log({"step": self.step, **row})
+        if not self.early_stop.update(self.step, row):
+            return False
+        log.info("%s", self.early_stop.reason)
+        return True
+
+    def evaluate_task(self) -> dict[str, float]:
+        return task_eval.evaluate(
             self.engine.module,
             self.tokenizer,
             self.task_examples,
             self.cfg.eval,
             self.env,
             synced=self.engine.zero_stage == 3 and self.env.world_size > 1,
+            metric_fn=self.metric_fn,
         )
 
-    def _report_task_metric(self, when: str) -> float:
-        value = self.evaluate_task()
-        log.info("held-out exact match %s training: %.1f%%", when, 100 * value)
-        return value
+    def _report_task_metric(self, when: str) -> dict[str, float]:
+        values = self.evaluate_task()
+        log.info("held-out exact match %s training: %.1f%%", when, 100 * values["exact_match"])
+        if len(values) > 1:
+            log.info("eval.metric_fn %s training: %s", when, values)
+        return {f"{k}_{when}": v for k, v in values.items()}
 
     def _report_final_eval(self) -> dict[str, float]:
         final = self.evaluate()
@@ -279,6 +303,7 @@ class Trainer:
             "step": self.step,
             "fingerprint": fingerprint(self.cfg, self.env.world_size),
             "versions": package_versions(),
+            "early_stopping": self.early_stop.state_dict(),
         }
         self.checkpoints.save(
             self.step, self.engine, self.state, meta, self._write_hf_files, force=force
