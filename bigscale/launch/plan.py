@@ -15,7 +15,8 @@ from bigscale.config.redact import redact_text
 from bigscale.config.schema import LauncherKind, Precision, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision, validate
 from bigscale.errors import ConfigError
-from bigscale.launch.memory import MemoryEstimate, count_parameters, estimate
+from bigscale.launch import auto_strategy
+from bigscale.launch.memory import MemoryEstimate, ModelShape, estimate, model_shape
 from bigscale.launch.node import multinode_command
 from bigscale.launch.topology import Topology, node_hardware, resolve_topology
 from bigscale.train.rundir import default_run_dir
@@ -41,6 +42,8 @@ class Plan:
     precision: Precision
     hardware: Hardware
     """The hardware of the nodes that run the ranks (as requested, for a Slurm job)."""
+    strategy_reason: str = ""
+    """Why ``strategy=auto`` chose the strategy it did (empty for a named strategy)."""
 
     @property
     def kind(self) -> LauncherKind:
@@ -107,6 +110,9 @@ def make_plan(cfg: TrainConfig, overrides: list[str], hw: Hardware | None = None
     """Validate for the world size this launch will have and fix the run directory."""
     hw = node_hardware(cfg, hw or Hardware.detect())
     topology = resolve_topology(cfg, hw)
+    reason = ""
+    if cfg.strategy.name == auto_strategy.AUTO:
+        cfg, overrides, reason = _resolve_auto_strategy(cfg, overrides, topology, hw)
     validate(cfg, topology.world_size, hw)
     if topology.kind is LauncherKind.multinode and not cfg.run_dir:
         raise ConfigError(
@@ -123,18 +129,60 @@ def make_plan(cfg: TrainConfig, overrides: list[str], hw: Hardware | None = None
         topology=topology,
         precision=resolve_precision(cfg.trainer.precision, hw),
         hardware=hw,
+        strategy_reason=reason,
     )
 
 
-def memory_estimate(plan: Plan) -> MemoryEstimate | str:
-    m = plan.cfg.model
+def _resolve_auto_strategy(
+    cfg: TrainConfig, overrides: list[str], topology: Topology, hw: Hardware
+) -> tuple[TrainConfig, list[str], str]:
+    """Pick the strategy and rewrite the overrides, so the ranks compose a named one."""
+    from bigscale.config.compose import compose_config
+    from bigscale.model.load import ensure_model_files
+
+    if topology.kind is LauncherKind.slurm:
+        raise ConfigError(
+            "strategy=auto sizes the run for the GPUs on this machine, but a launcher=slurm job "
+            "runs on other nodes; name the strategy (run `bigscale plan strategy=auto` on a "
+            "compute node to see which one fits)"
+        )
+    m = cfg.model
+    ensure_model_files(m)  # the tiny model is created on first use; its config is needed now
     try:
-        params = count_parameters(m.name_or_path, m.revision, m.trust_remote_code)
+        shape = model_shape(m.name_or_path, m.revision, m.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"strategy=auto needs the config of model.name_or_path={m.name_or_path!r} to "
+            f"estimate memory, and cannot read it ({str(exc).splitlines()[0]}); name a strategy "
+            "instead (ddp, zero1, zero2, zero3, zero3_offload)"
+        ) from None
+    budget, source = auto_strategy.memory_budget_gib(hw, topology.nproc_per_node)
+    precision = resolve_precision(cfg.trainer.precision, hw)
+    name, estimates = auto_strategy.choose(cfg, shape, precision, topology.world_size, budget)
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "strategy"]
+    overrides = [*kept, f"strategy={name}"]
+    reason = f"chosen by strategy=auto: {estimates[name].total_gib:.2f} GiB estimated of {source}"
+    return compose_config(overrides), overrides, reason
+
+
+def memory_estimate(plan: Plan) -> MemoryEstimate | str:
+    c = plan.cfg
+    m = c.model
+    try:
+        shape: ModelShape = model_shape(m.name_or_path, m.revision, m.trust_remote_code)
     except (OSError, ValueError) as exc:
         if m.create_if_missing is not None:
             return "model is created on first use"
         return f"unknown (model config not readable: {str(exc).splitlines()[0]})"
-    return estimate(params, plan.cfg.strategy, plan.precision, plan.world_size)
+    return estimate(
+        shape,
+        c.strategy,
+        plan.precision,
+        plan.world_size,
+        micro_batch=c.trainer.micro_batch_size,
+        seq_len=c.data.max_length,
+        checkpointing=c.model.gradient_checkpointing,
+    )
 
 
 def render(plan: Plan, with_memory: bool = True) -> str:
@@ -149,7 +197,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"data            {c.data.path} (style={c.data.style.value}, max_length="
         f"{c.data.max_length}, packing={c.data.packing})",
         f"strategy        {c.strategy.name} (ZeRO stage {c.strategy.zero_stage}, offload "
-        f"optimizer={c.strategy.offload_optimizer}, params={c.strategy.offload_params})",
+        f"optimizer={c.strategy.offload_optimizer}, params={c.strategy.offload_params})"
+        + (f"; {plan.strategy_reason}" if plan.strategy_reason else ""),
         f"precision       {plan.precision.value} on {device}",
         f"ranks           {plan.topology.describe()}",
         f"batch           {t.micro_batch_size} micro x {t.grad_accum} accum x "
@@ -170,9 +219,10 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         mem = memory_estimate(plan)
         if isinstance(mem, MemoryEstimate):
             lines.append(
-                f"memory/GPU      {mem.total_gib:.2f} GiB model states for {mem.params / 1e6:.1f}M "
-                f"params (weights {mem.weights_gib:.2f}, grads {mem.grads_gib:.2f}, optimizer "
-                f"{mem.optimizer_gib:.2f}); activations not included"
+                f"memory/GPU      {mem.total_gib:.2f} GiB estimated for {mem.params / 1e6:.1f}M "
+                f"params: weights {mem.weights_gib:.2f}, grads {mem.grads_gib:.2f}, optimizer "
+                f"{mem.optimizer_gib:.2f}, activations {mem.activations_gib:.2f} "
+                f"({c.trainer.micro_batch_size} x {c.data.max_length} tokens per micro batch)"
             )
         else:
             lines.append(f"memory/GPU      {mem}")

@@ -51,6 +51,7 @@ def test_every_preset_opens_with_an_example_command() -> None:
 def test_strategy_presets_map_to_stages() -> None:
     stages = {n: compose_config([f"strategy={n}"]).strategy for n in _presets("strategy")}
     assert {n: s.zero_stage for n, s in stages.items()} == {
+        "auto": 0,  # replaced by a named strategy before any rank starts
         "ddp": 0,
         "zero1": 1,
         "zero2": 2,

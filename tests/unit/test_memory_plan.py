@@ -1,0 +1,142 @@
+"""The plan's memory estimate and ``strategy=auto``.
+
+The activation part is checked against what a real transformers Llama keeps for backward
+(``saved_tensors_hooks``); the strategy choice against model-state arithmetic for a 1B model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bigscale.config.compose import compose_config
+from bigscale.config.schema import Precision
+from bigscale.config.validate import Hardware, validate
+from bigscale.errors import ConfigError
+from bigscale.launch import auto_strategy
+from bigscale.launch.memory import ModelShape, activations, estimate
+from bigscale.launch.plan import make_plan, render
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def llama_config(**changes: int) -> LlamaConfig:
+    dims = dict(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaConfig(**{**dims, **changes}, attn_implementation="sdpa")
+
+
+def saved_for_backward(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward, weights excluded."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
+@pytest.mark.parametrize(
+    "changes", [{}, {"vocab_size": 8000, "hidden_size": 512, "intermediate_size": 1376}]
+)
+def test_stored_activations_match_what_backward_keeps(changes: dict, checkpointing: bool) -> None:
+    config = llama_config(**changes)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    micro_batch, seq_len = 2, 256
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
+    shape = ModelShape.from_config(config, sum(p.numel() for p in model.parameters()))
+    measured = saved_for_backward(model, ids)
+    estimated = activations(shape, micro_batch, seq_len, Precision.fp32, checkpointing).stored
+    assert estimated == pytest.approx(measured, rel=0.10)
+
+
+LLAMA_1B = ModelShape.from_config(
+    LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+    ),
+    params=1_235_814_400,
+)
+
+
+def test_model_states_shrink_with_each_stage() -> None:
+    bf16 = Precision.bf16
+    totals = [
+        estimate(LLAMA_1B, s, bf16, dp_ranks=8).total_gib for s in auto_strategy.CANDIDATES.values()
+    ]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
+    ddp = estimate(LLAMA_1B, auto_strategy.CANDIDATES["ddp"], bf16, dp_ranks=8)
+    assert ddp.total_gib == pytest.approx(1_235_814_400 * 16 / 1024**3)  # 2 + 2 + 12 bytes
+    lora = ModelShape(**{**LLAMA_1B.__dict__, "trainable": 1_000_000})
+    assert estimate(lora, auto_strategy.CANDIDATES["ddp"], bf16, 8).total_gib < 2.5
+
+
+def test_candidates_mirror_the_strategy_presets() -> None:
+    for name, strategy in auto_strategy.CANDIDATES.items():
+        preset = yaml.safe_load((CONF / "strategy" / f"{name}.yaml").read_text())
+        assert preset["zero_stage"] == strategy.zero_stage
+        assert preset["offload_optimizer"] == strategy.offload_optimizer
+        assert preset["offload_params"] == strategy.offload_params
+
+
+@pytest.mark.parametrize(
+    ("budget_gib", "chosen"),
+    # Estimates for 8 ranks: ddp 21.2 GiB, zero1 9.1, zero2 7.1, zero3 5.1, zero3_offload 3.1.
+    [(200.0, "ddp"), (20.0, "zero1"), (10.0, "zero2"), (7.0, "zero3"), (5.0, "zero3_offload")],
+)
+def test_auto_picks_the_fastest_strategy_that_fits(budget_gib: float, chosen: str) -> None:
+    cfg = compose_config(["trainer.micro_batch_size=1", "data.max_length=2048"])
+    cfg.model.gradient_checkpointing = True
+    name, estimates = auto_strategy.choose(cfg, LLAMA_1B, Precision.bf16, 8, budget_gib)
+    assert name == chosen
+    assert estimates[name].total_gib <= auto_strategy.MARGIN * budget_gib
+
+
+def test_auto_says_what_to_change_when_nothing_fits() -> None:
+    cfg = compose_config(["trainer.micro_batch_size=64", "data.max_length=4096"])
+    with pytest.raises(ConfigError, match=r"no strategy fits.*trainer\.micro_batch_size"):
+        auto_strategy.choose(cfg, LLAMA_1B, Precision.bf16, 8, 80.0)
+
+
+def test_plan_replaces_auto_with_the_choice_for_the_ranks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / "llama"
+    llama_config().save_pretrained(model_dir)  # a config is all the estimate reads
+    overrides = ["strategy=auto", f"model.name_or_path={model_dir}", "model.create_if_missing=null"]
+    gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
+    plan = make_plan(compose_config(overrides), overrides, hw=gpus)
+    assert plan.cfg.strategy.name == "ddp"  # a 4M-parameter model fits anywhere
+    assert "strategy=ddp" in plan.rank_overrides and "strategy=auto" not in plan.rank_overrides
+    text = render(plan)
+    assert "chosen by strategy=auto" in text and "activations" in text
+
+
+def test_a_rank_never_runs_strategy_auto() -> None:
+    with pytest.raises(ConfigError, match="strategy=auto is chosen by `bigscale train`"):
+        validate(compose_config(["strategy=auto"]), 2, Hardware())
