@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigscale.config.schema import TrainConfig
+from bigscale.config.schema import FinetuneConfig, FinetuneMethod, TrainConfig
 
 GLOBAL_BATCH = "global batch (micro_batch_size x grad_accum x ranks)"
 LAYOUT = ("trainer.micro_batch_size", "trainer.grad_accum", "ranks")
@@ -27,12 +27,28 @@ def fingerprint(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "data.style": cfg.data.style.value,
         "data.max_length": cfg.data.max_length,
         "data.packing": cfg.data.packing,
+        "data.streaming": cfg.data.streaming,
+        "data.mixture": [[m.path, m.weight] for m in cfg.data.mixture],
         GLOBAL_BATCH: t.micro_batch_size * t.grad_accum * world_size,
         "trainer.micro_batch_size": t.micro_batch_size,
         "trainer.grad_accum": t.grad_accum,
         "ranks": world_size,
         "strategy.zero_stage": cfg.strategy.zero_stage,
         "trainer.seed": t.seed,
+        **_finetune(cfg.finetune),
+    }
+
+
+def _finetune(f: FinetuneConfig) -> dict[str, Any]:
+    """What is trained: a LoRA checkpoint holds no base weights, so it must not resume as full
+    fine-tuning, nor as adapters of another shape or on other layers. Dropout may change."""
+    lora = f.method == FinetuneMethod.lora
+    return {
+        "finetune.method": f.method.value,
+        "finetune.r": f.r if lora else None,
+        "finetune.alpha": f.alpha if lora else None,
+        "finetune.target_modules": list(f.target_modules) if lora else None,
+        "finetune.modules_to_save": list(f.modules_to_save) if lora else None,
     }
 
 

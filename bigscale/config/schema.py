@@ -58,6 +58,11 @@ class Overlong(str, Enum):
     drop = "drop"
 
 
+class CacheScope(str, Enum):
+    cluster = "cluster"  # global rank 0 tokenizes into data.cache_dir; every rank reads it
+    node = "node"  # local rank 0 of each node tokenizes into its node's own cache
+
+
 class Schedule(str, Enum):
     cosine = "cosine"
     linear = "linear"
@@ -73,6 +78,15 @@ class LoggerMode(str, Enum):
 class SpikePolicy(str, Enum):
     log = "log"
     stop = "stop"
+
+
+ALL_LINEAR = "all-linear"
+"""``finetune.target_modules`` entry meaning every linear layer but the LM head (peft's name)."""
+
+
+class FinetuneMethod(str, Enum):
+    full = "full"  # every weight is trained
+    lora = "lora"  # frozen base, low-rank adapters (peft) trained
 
 
 class LauncherKind(str, Enum):
@@ -127,6 +141,24 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One dataset of a weighted mixture (``data.mixture``). Unset fields take ``data.*``."""
+
+    path: str = MISSING
+    """Local file, glob or directory, or a hub dataset name."""
+    weight: float = 1.0
+    """Relative share of the examples drawn from this source (weights need not sum to 1)."""
+    format: DataFormat | None = None
+    hub_config: str | None = None
+    split: str | None = None
+    style: DataStyle | None = None
+    text_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    messages_field: str | None = None
+
+
+@dataclass
 class DataConfig:
     path: str = MISSING
     """Local file, glob or directory (json/jsonl/parquet/txt), or a hub dataset name."""
@@ -165,11 +197,34 @@ class DataConfig:
     overlong: Overlong = Overlong.truncate
     """What to do with longer sequences; both are counted and reported."""
     packing: bool = False
-    """Concatenate examples into full ``max_length`` rows instead of padding each one."""
+    """Concatenate examples into full ``max_length`` rows instead of padding each one. Documents
+    stay apart: positions restart per document and attention does not cross them (transformers'
+    block-diagonal mask for sdpa/eager/flex, variable-length kernels for flash_attention_2). A
+    model that does not build its mask through transformers' mask utilities (some
+    ``trust_remote_code`` models) cannot keep them apart; bigscale warns at start."""
     num_proc: int = 1
     """Processes for tokenization."""
     cache_dir: str | None = None
     """Where tokenized data is cached; default ``<run_dir>/../.tokenized`` shared by runs."""
+    cache_scope: CacheScope = CacheScope.cluster
+    """``cluster``: global rank 0 tokenizes once into ``cache_dir`` (a filesystem every node
+    mounts) while the others wait, then all read it; ``node``: local rank 0 of each node
+    tokenizes into ``<cache_dir>/node-<hostname>`` (point ``cache_dir`` at local disk)."""
+    streaming: bool = False
+    """Read the training data as a stream (``datasets`` IterableDataset): nothing is tokenized
+    ahead or cached, for corpora larger than disk or memory. Needs ``trainer.max_steps``
+    (a stream has no length) and ``trainer.num_workers=0``."""
+    validation_examples: int = 1000
+    """Streaming only: validation examples, the first ones of ``validation_path``, or held out
+    from the start of the training stream (of each mixture source) when there is none."""
+    stream_buffer: int = 1000
+    """Streaming only: examples read, shuffled and packed together per rank. Larger mixes and
+    packs better at the cost of memory."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Weighted sources interleaved into one training set (``datasets.interleave_datasets``,
+    seeded, until every source is used up; a small heavy source repeats). ``data.path`` is then
+    only a label. Each source's held-out part (``validation_fraction`` or
+    ``validation_examples``) forms the validation set unless ``validation_path`` is set."""
     generate_arithmetic: bool = False
     """Write the built-in arithmetic task to the path, validation and test files if missing."""
     test_path: str | None = None
@@ -231,6 +286,9 @@ class LossSpikeConfig:
 class TrainerConfig:
     max_steps: int = 100
     """Optimizer steps to train for."""
+    epochs: float | None = None
+    """Train for this many passes over the data instead: ``max_steps`` is then derived from the
+    dataset length and the global batch (not with ``data.streaming``, which has no length)."""
     micro_batch_size: int = 8
     """Sequences per rank per forward pass."""
     grad_accum: int = 1
@@ -392,12 +450,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    method: FinetuneMethod = FinetuneMethod.full
+    """``full``: train every weight; ``lora``: freeze the model and train low-rank adapters."""
+    r: int = 16
+    """LoRA rank: the inner width of each adapter."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: an adapter's output is multiplied by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on an adapter's input."""
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    """Leaf names of the layers that get adapters (``q_proj``, ``v_proj``, ...), each matching at
+    least one layer; ``["all-linear"]``: every linear layer but the LM head."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Leaf names of modules trained in full beside the adapters (e.g. ``lm_head``)."""
+
+
+@dataclass
 class ExportConfig:
     at_end: bool = True
     """Write a Hugging Face model directory to ``<run_dir>/export`` when training ends, from
     the final checkpoint (streamed: no rank gathers the whole model)."""
     max_shard_size: str = "2GB"
     """Largest safetensors file of the export; memory needed is about one of these."""
+    merge_lora: bool = False
+    """For a LoRA run: write the base model with the adapters merged in (a plain Hugging Face
+    model; loads the base in memory) instead of the adapter alone (peft's layout)."""
 
 
 @dataclass
@@ -413,6 +491,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

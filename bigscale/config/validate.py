@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigscale.config.schema import Precision, TrainConfig
+from bigscale.config.schema import ALL_LINEAR, FinetuneMethod, Precision, TrainConfig
 from bigscale.errors import ConfigError
 
 # Keys that bigscale derives from its own config; a user DeepSpeed JSON may not set them, or the
@@ -34,6 +34,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class Hardware:
     cuda_devices: int = 0
     bf16_supported: bool = False
+    gpu_memory_gib: float = 0.0
+    """Memory of the smallest GPU (``strategy=auto`` sizes for it); 0 when unknown."""
 
     @classmethod
     def detect(cls) -> Hardware:
@@ -41,7 +43,9 @@ class Hardware:
 
         if not torch.cuda.is_available():
             return cls()
-        return cls(torch.cuda.device_count(), torch.cuda.is_bf16_supported())
+        count = torch.cuda.device_count()
+        memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
+        return cls(count, torch.cuda.is_bf16_supported(), memory / 1024**3)
 
 
 def looks_local(path: str) -> bool:
@@ -72,6 +76,7 @@ def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
     _check_optim(cfg)
     _check_data(cfg)
     _check_model(cfg)
+    _check_finetune(cfg)
     _check_dist(cfg)
 
 
@@ -113,6 +118,12 @@ def _check_trainer(cfg: TrainConfig, world_size: int) -> None:
 
 def _check_strategy(cfg: TrainConfig, hw: Hardware) -> None:
     s = cfg.strategy
+    if s.name == "auto":
+        # `bigscale train` / `plan` replace it with a named strategy before any rank starts.
+        raise ConfigError(
+            "strategy=auto is chosen by `bigscale train` before the ranks start; under your own "
+            "torchrun name one (run `bigscale plan strategy=auto` to see which fits)"
+        )
     if s.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"strategy.zero_stage={s.zero_stage}; allowed values: 0, 1, 2, 3")
     if s.offload_params and s.zero_stage != 3:
@@ -188,6 +199,31 @@ def _check_data(cfg: TrainConfig) -> None:
 
     template_source(d)
     early_stop.check(cfg)
+    _check_scale(cfg)
+
+
+def _check_scale(cfg: TrainConfig) -> None:
+    """Streaming, mixtures and epochs: a stream has no length, so nothing may need one."""
+    d, t = cfg.data, cfg.trainer
+    if t.epochs is not None and t.epochs <= 0:
+        raise ConfigError(f"trainer.epochs={t.epochs:g} must be positive (or null)")
+    if d.streaming and t.epochs is not None:
+        raise ConfigError(
+            f"trainer.epochs={t.epochs:g} needs the dataset's length, which a stream "
+            "(data.streaming=true) does not have; set trainer.max_steps=<optimizer steps> and "
+            "trainer.epochs=null"
+        )
+    if d.streaming and t.num_workers:
+        raise ConfigError(
+            f"trainer.num_workers={t.num_workers}: data.streaming=true reads in the training "
+            "process (its position is checkpointed); set trainer.num_workers=0"
+        )
+    _positive(data__stream_buffer=d.stream_buffer)
+    if d.validation_examples < 0:
+        raise ConfigError(f"data.validation_examples={d.validation_examples} must be >= 0")
+    for i, source in enumerate(d.mixture):
+        if not source.weight > 0:
+            raise ConfigError(f"data.mixture[{i}].weight={source.weight:g} must be positive")
 
 
 def _check_model(cfg: TrainConfig) -> None:
@@ -199,6 +235,27 @@ def _check_model(cfg: TrainConfig) -> None:
             f"model.name_or_path={m.name_or_path} does not exist: give a local directory "
             "holding a Hugging Face model (config.json + weights) or a hub id like "
             "'Qwen/Qwen2.5-0.5B'"
+        )
+
+
+def _check_finetune(cfg: TrainConfig) -> None:
+    f = cfg.finetune
+    if f.method != FinetuneMethod.lora:
+        return
+    _positive(finetune__r=f.r)
+    if f.alpha <= 0:
+        raise ConfigError(f"finetune.alpha={f.alpha:g} must be positive")
+    if not 0.0 <= f.dropout < 1.0:
+        raise ConfigError(f"finetune.dropout={f.dropout:g} must be in [0, 1)")
+    if not f.target_modules:
+        raise ConfigError(
+            "finetune.target_modules is empty; name the layers that get adapters "
+            "([q_proj,v_proj]) or use [all-linear]"
+        )
+    if ALL_LINEAR in f.target_modules and len(f.target_modules) > 1:
+        raise ConfigError(
+            f"finetune.target_modules={f.target_modules}: {ALL_LINEAR} already means every "
+            "linear layer; give it alone or list the layers instead"
         )
 
 

@@ -1,42 +1,60 @@
 """Datasets and loaders for a training run, prepared once per job and shared through a cache.
 
-Global rank 0 loads, tokenizes (and packs) into cache files named by ``cache_key``; the other
-ranks wait, then make the same calls, which find those files instead of redoing the work. Ranks
-on nodes that do not share ``cache_dir`` redo it themselves, with identical results.
+One rank tokenizes (and packs) into cache files named by ``cache_key`` (``bigscale.data.cache``
+says which rank, and how the others wait without a collective); the others then make the same
+calls, which find those files instead of redoing the work. A run with ``data.streaming=true``
+skips all that: each rank reads its share of the stream (``bigscale.data.streaming``).
+
+Cache keys name the data by content (``files_fingerprint``), the tokenizer and the processing
+settings, so a copied corpus reuses its cache and an edited one gets a new one.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
 from torch.utils.data import DataLoader
 
 from bigscale.config.schema import DataConfig
+from bigscale.data.cache import build_once, cache_root
 from bigscale.data.collate import pack_collate, pack_examples, pad_collate
+from bigscale.data.mixture import Source, files_fingerprint, interleave, mixture_sources
 from bigscale.data.sampler import ResumableDistributedSampler
-from bigscale.data.sources import load_raw
+from bigscale.data.sources import is_hub, load_raw, resolve_files
 from bigscale.data.tokenize import TokenizeReport, cache_key, tokenize_split
 from bigscale.dist.env import DistEnv
-from bigscale.errors import DataError
+from bigscale.errors import ConfigError, DataError
+from bigscale.logging import get_logger
+
+if TYPE_CHECKING:
+    from bigscale.data.streaming import TrainStream
+
+log = get_logger(__name__)
+
+Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
 @dataclass
 class DataBundle:
-    train: datasets.Dataset
+    train: datasets.Dataset | None
+    """None when streaming: ``stream`` yields the training batches instead."""
     validation: datasets.Dataset
     """May be empty (``data.validation_fraction=0`` and no ``validation_path``)."""
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
+    collate: Collate
     report: TokenizeReport
-    """What tokenization kept of the training split."""
+    """What tokenization kept of the training split (all zero when streaming: not known)."""
     validation_report: TokenizeReport = field(default_factory=TokenizeReport)
     packed: bool = False
     """Rows hold several documents (and carry ``position_ids``)."""
+    stream: TrainStream | None = None
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -47,38 +65,137 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def _prepare(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) -> DataBundle:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    raw = load_raw(cfg, seed, cache_dir=cache_dir / "raw")
-
-    def tokenized(split: str) -> tuple[datasets.Dataset, TokenizeReport]:
-        ds = raw[split]
-        if len(ds) == 0:  # no held-out data: an empty split with the tokenized columns
-            return datasets.Dataset.from_dict({"input_ids": [], "labels": []}), TokenizeReport()
-        key = cache_key(ds, tokenizer, cfg)
-        out, report = tokenize_split(ds, tokenizer, cfg, str(cache_dir / f"{key}.arrow"), key=key)
-        if cfg.packing:
-            out = pack_examples(
-                out, cfg.max_length, cache_file=str(cache_dir / f"{key}.packed.arrow")
-            )
-        return out, report
-
-    train, report = tokenized("train")
-    validation, validation_report = tokenized("validation")
+def make_collate(cfg: DataConfig, tokenizer: Any) -> Collate:
     pad_id = pad_token_id(tokenizer)
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
     if cfg.packing:
-        collate = functools.partial(pack_collate, pad_id=pad_id, max_length=cfg.max_length)
-    else:
-        collate = functools.partial(pad_collate, pad_id=pad_id)
-    return DataBundle(train, validation, collate, report, validation_report, cfg.packing)
+        return functools.partial(pack_collate, pad_id=pad_id, max_length=cfg.max_length)
+    return functools.partial(pad_collate, pad_id=pad_id)
 
 
-def _broadcast_outcome(error: str | None) -> str | None:
-    """Rank 0's error message (or None) on every rank; also the point where the others wait."""
-    box = [error]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+def _empty() -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"input_ids": [], "labels": []})
+
+
+def add_reports(reports: list[TokenizeReport]) -> TokenizeReport:
+    total = TokenizeReport()
+    for r in reports:
+        for k, v in r.as_dict().items():
+            setattr(total, k, getattr(total, k) + v)
+    return total
+
+
+def _data_id(cfg: DataConfig, raw: datasets.Dataset) -> str:
+    # Hub datasets: datasets' fingerprint follows the dataset's revision, which is its content.
+    return raw._fingerprint if is_hub(cfg) else files_fingerprint(resolve_files(cfg.path))
+
+
+class _Preparer:
+    """Tokenizes every source's splits into the cache; ``info`` carries the data ids the
+    builder computed, so the other ranks need not hash the files again."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: Any, seed: int, cache: Path, info: dict | None):
+        self.cfg, self.tokenizer, self.seed, self.cache = cfg, tokenizer, seed, cache
+        self.waiting = info is not None
+        self.ids: dict[str, str] = dict((info or {}).get("ids", {}))
+
+    def _tokenized(
+        self, ds: datasets.Dataset, cfg: DataConfig, data_id: str, extra: str
+    ) -> tuple[datasets.Dataset, TokenizeReport, str]:
+        if len(ds) == 0:  # no held-out data: an empty split with the tokenized columns
+            return _empty(), TokenizeReport(), ""
+        key = cache_key(ds, self.tokenizer, cfg, extra=extra, data_id=data_id)
+        path = self.cache / f"{key}.arrow"
+        if path.is_file():
+            log.info("tokenized cache hit: %s", path)
+        elif self.waiting:
+            log.warning(
+                "no tokenized cache at %s although the builder rank finished; tokenizing here. "
+                "Is data.cache_dir on a filesystem every node mounts? If not, set "
+                "data.cache_scope=node",
+                path,
+            )
+        else:
+            log.info("Tokenizing %d examples into %s", len(ds), path)
+        out, report = tokenize_split(ds, self.tokenizer, cfg, str(path), key=key)
+        return out, report, key
+
+    def _id(self, key: str, cfg: DataConfig, raw: datasets.Dataset) -> str:
+        if key not in self.ids:
+            self.ids[key] = _data_id(cfg, raw)
+        return self.ids[key]
+
+    def source(self, source: Source) -> dict[str, tuple[datasets.Dataset, TokenizeReport, str]]:
+        cfg = source.cfg
+        raw = load_raw(cfg, self.seed, cache_dir=self.cache / "raw")
+        data_id = self._id(source.key, cfg, raw["train"])
+        held_out = not cfg.validation_path and cfg.validation_fraction > 0
+        split = f"{cfg.validation_fraction}@{self.seed}" if held_out else "all"
+        out = {"train": self._tokenized(raw["train"], cfg, data_id, f"train|{split}")}
+        if cfg.validation_path:
+            files = resolve_files(cfg.validation_path)
+            val_id = self.ids.setdefault("data.validation_path", files_fingerprint(files))
+            out["validation"] = self._tokenized(raw["validation"], cfg, val_id, "validation")
+        else:
+            out["validation"] = self._tokenized(
+                raw["validation"], cfg, data_id, f"validation|{split}"
+            )
+        return out
+
+    def shared_validation(self) -> tuple[datasets.Dataset, TokenizeReport, str]:
+        """A mixture's ``data.validation_path``: read like a source of its own."""
+        cfg = replace(
+            self.cfg, path=str(self.cfg.validation_path), mixture=[], validation_path=None
+        )
+        cfg = replace(cfg, validation_fraction=0.0)
+        raw = load_raw(cfg, self.seed, cache_dir=self.cache / "raw")["train"]
+        val_id = self._id("data.validation_path", cfg, raw)
+        return self._tokenized(raw, cfg, val_id, "validation")
+
+    def bundle(self) -> DataBundle:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        sources = mixture_sources(self.cfg)
+        parts = [self.source(s) for s in sources]
+        trains = [p["train"] for p in parts]
+        vals = [p["validation"] for p in parts]
+        if self.cfg.mixture and self.cfg.validation_path:
+            vals = [self.shared_validation()]
+        train_key = _joint_key([t[2] for t in trains], [s.weight for s in sources], self.seed)
+        train = interleave([t[0] for t in trains], sources, self.seed)
+        vals = [v for v in vals if len(v[0])]
+        val_key = _joint_key([v[2] for v in vals], [], 0)
+        validation = datasets.concatenate_datasets([v[0] for v in vals]) if vals else _empty()
+        if self.cfg.packing:
+            train = self._pack(train, train_key)
+            validation = self._pack(validation, val_key)
+        return DataBundle(
+            train,
+            validation,
+            make_collate(self.cfg, self.tokenizer),
+            add_reports([t[1] for t in trains]),
+            add_reports([v[1] for v in vals]),
+            self.cfg.packing,
+        )
+
+    def _pack(self, ds: datasets.Dataset, key: str) -> datasets.Dataset:
+        if len(ds) == 0:
+            return ds
+        return pack_examples(ds, self.cfg.max_length, str(self.cache / f"{key}.packed.arrow"))
+
+
+def _joint_key(keys: list[str], weights: list[float], seed: int) -> str:
+    """One source's own key, or a key for the mixture of several (weights and seed matter)."""
+    if len(keys) == 1:
+        return keys[0]
+    text = "|".join([*keys, *map(str, weights), str(seed), "all_exhausted"])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _prepare(
+    cfg: DataConfig, tokenizer: Any, seed: int, cache: Path, info: dict | None
+) -> tuple[DataBundle, dict]:
+    prep = _Preparer(cfg, tokenizer, seed, cache, info)
+    bundle = prep.bundle()
+    return bundle, {"ids": prep.ids}
 
 
 def build_datasets(
@@ -86,35 +203,42 @@ def build_datasets(
 ) -> DataBundle:
     """Train/validation datasets and collate function, tokenized once for the whole job.
 
-    If rank 0 fails, every rank raises (a DataError with rank 0's message) instead of waiting.
-    The wait is bounded by the process group's timeout, so a very large dataset needs a generous
-    ``init_process_group(timeout=...)`` or tokenizing ahead of time.
+    One rank tokenizes while the others wait on a marker file rather than a collective, so a
+    dataset that takes hours to tokenize cannot trip ``dist.timeout_minutes``; if that rank
+    fails, every rank raises a DataError with its message. ``data.streaming=true``: nothing is
+    tokenized ahead; ``bundle.stream`` reads this rank's share.
     """
+    if cfg.streaming:
+        from bigscale.data.streaming import build_stream
+
+        return build_stream(cfg, tokenizer, env, seed)
+    cache = cache_root(Path(cache_dir), cfg.cache_scope)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed:
-        return _prepare(cfg, tokenizer, seed, Path(cache_dir))
+        return _prepare(cfg, tokenizer, seed, cache, None)[0]
+    return build_once(
+        env, cfg.cache_scope, cache, lambda info: _prepare(cfg, tokenizer, seed, cache, info)
+    )
 
-    if env.is_main:
-        try:
-            bundle = _prepare(cfg, tokenizer, seed, Path(cache_dir))
-        except DataError as e:
-            _broadcast_outcome(str(e))
-            raise
-        except BaseException as e:
-            _broadcast_outcome(f"rank 0 failed while preparing data: {type(e).__name__}: {e}")
-            raise
-        _broadcast_outcome(None)
-        return bundle
 
-    error = _broadcast_outcome(None)
-    if error is not None:
-        raise DataError(error)
-    return _prepare(cfg, tokenizer, seed, Path(cache_dir))
+def steps_for_epochs(
+    epochs: float, batches_per_epoch: int, grad_accum: int, warmup_steps: int
+) -> int:
+    """``trainer.max_steps`` for ``trainer.epochs`` passes: micro batches per rank and epoch
+    over the accumulation, as Hugging Face's ``num_train_epochs`` counts them."""
+    steps = max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
+    if warmup_steps >= steps:
+        raise ConfigError(
+            f"trainer.epochs={epochs:g} makes {steps} optimizer steps, no more than "
+            f"optim.warmup_steps={warmup_steps}; lower the warmup or train longer"
+        )
+    log.info("trainer.epochs=%g: %d optimizer steps", epochs, steps)
+    return steps
 
 
 def build_loader(
     ds: datasets.Dataset,
-    collate: Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]],
+    collate: Collate,
     env: DistEnv,
     micro_batch_size: int,
     seed: int,

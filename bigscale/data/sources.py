@@ -105,11 +105,15 @@ def _builder_for(files: list[Path], cfg: DataConfig) -> str:
     return kinds.pop()  # type: ignore[return-value]
 
 
-def _check_jsonl(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -> None:
+def _check_jsonl(
+    path: Path, cfg: DataConfig, fields: list[tuple[str, str]], max_rows: int | None = None
+) -> None:
     columns: dict[str, None] = {}  # ordered set: report columns in file order
     rows: list[tuple[int, dict]] = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
+            if max_rows is not None and len(rows) >= max_rows:
+                break
             if not line.strip():
                 continue  # the json builder skips blank lines too
             try:
@@ -170,11 +174,15 @@ def _starts_with_array(path: Path) -> bool:
 
 
 def check_local_file(
-    path: Path, cfg: DataConfig, fields: list[tuple[str, str]] | None = None
+    path: Path,
+    cfg: DataConfig,
+    fields: list[tuple[str, str]] | None = None,
+    max_rows: int | None = None,
 ) -> None:
     """Cheap structural check of one local data file; raises DataError with file:line and the fix.
 
-    ``fields`` overrides the ``(config key, column)`` pairs to require (default: the style's).
+    ``fields`` overrides the ``(config key, column)`` pairs to require (default: the style's);
+    ``max_rows`` checks only the head of a JSON-lines file (a streamed corpus may not fit RAM).
     """
     fields = required_fields(cfg) if fields is None else fields
     builder = _builder_for([path], cfg)
@@ -183,7 +191,7 @@ def check_local_file(
         if path.suffix.lower() == ".json" and _starts_with_array(path):
             _check_json_array(path, cfg, fields)
         else:
-            _check_jsonl(path, cfg, fields)
+            _check_jsonl(path, cfg, fields, max_rows)
     elif builder == "parquet":
         import pyarrow.parquet as pq
 
@@ -227,11 +235,16 @@ def _local_files(path: str, key: str) -> list[Path]:
 def preflight(cfg: DataConfig) -> None:
     """Check every local data file the config names; a hub name is accepted unchecked (offline).
 
-    Generated files (``data.generate_arithmetic``) must be written before this runs.
+    Generated files (``data.generate_arithmetic``) must be written before this runs. Each
+    source of a mixture is checked with its own fields; a streamed corpus only by its head.
     """
-    if not is_hub(cfg):
-        for f in _local_files(cfg.path, "data.path"):
-            check_local_file(f, cfg)
+    from bigscale.data.mixture import STREAM_PREFLIGHT_ROWS, mixture_sources
+
+    head = STREAM_PREFLIGHT_ROWS if cfg.streaming else None
+    for source in mixture_sources(cfg):
+        if not is_hub(source.cfg):
+            for f in _local_files(source.cfg.path, source.key):
+                check_local_file(f, source.cfg, max_rows=head)
     if cfg.validation_path:
         for f in _local_files(cfg.validation_path, "data.validation_path"):
             check_local_file(f, cfg)

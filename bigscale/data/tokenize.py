@@ -164,10 +164,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return _hash(parts)
 
 
-def cache_key(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, extra: str = "") -> str:
+def cache_key(
+    ds: datasets.Dataset,
+    tokenizer: Any,
+    cfg: DataConfig,
+    extra: str = "",
+    data_id: str | None = None,
+) -> str:
     """Stable name for the tokenized form of ``ds``: same data, tokenizer and settings -> same key.
 
     Every rank computes the same key from its own objects, which is how they find rank 0's files.
+    ``data_id`` names the data by content (``bigscale.data.mixture.files_fingerprint``) instead
+    of ``datasets``' fingerprint, which for local files follows their path and mtime.
     """
     settings = {
         "version": _ENCODING_VERSION,
@@ -180,7 +188,7 @@ def cache_key(ds: datasets.Dataset, tokenizer: Any, cfg: DataConfig, extra: str 
         "overlong": Overlong(cfg.overlong).value,
         "extra": extra,
     }
-    parts = [ds._fingerprint, tokenizer_fingerprint(tokenizer), _hash(settings)]
+    parts = [data_id or ds._fingerprint, tokenizer_fingerprint(tokenizer), _hash(settings)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 

@@ -31,6 +31,9 @@ class TrainState:
     loss_spikes: int = 0
     recent_losses: list[float] = field(default_factory=list)
     """The last steps' losses, for loss-spike detection."""
+    stream: str | None = None
+    """This rank's position in a streamed dataset (``data.streaming``), as JSON: it holds the
+    ``datasets`` state, whose integers may exceed what a tensor holds. None otherwise."""
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class TrainState:
             "loss_spikes": self.loss_spikes,
             "recent_losses": list(self.recent_losses),
             "rng": capture_rng(),
+            **({"stream": self.stream} if self.stream is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -57,6 +61,7 @@ class TrainState:
         self.bad_steps_in_row = int(state.get("bad_steps_in_row", 0))
         self.loss_spikes = int(state.get("loss_spikes", 0))
         self.recent_losses = [float(x) for x in state.get("recent_losses", [])]
+        self.stream = state.get("stream")
         if "rng" in state:
             restore_rng(state["rng"])
 

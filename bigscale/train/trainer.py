@@ -16,17 +16,19 @@ from bigscale.checkpoint.compat import changes, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
-from bigscale.config.schema import TrainConfig
+from bigscale.config.schema import FinetuneMethod, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
-from bigscale.data.pipeline import build_datasets, build_loader
+from bigscale.data.pipeline import build_datasets, build_loader, steps_for_epochs
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
 from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.metrics.throughput import Window, mfu_formula, sync
+from bigscale.model.attention import separates_packed_documents
 from bigscale.model.load import load_model, load_tokenizer
+from bigscale.model.lora import apply_lora, save_adapter_config
 from bigscale.train import task_eval
 from bigscale.train.early_stop import EarlyStopper
 from bigscale.train.faults import Faults
@@ -58,15 +60,21 @@ class Trainer:
             cfg.data, self.tokenizer, env, cfg.trainer.seed, self._tokenized_cache_dir()
         )
         self._log_data_report()
-        self.train_loader, self.sampler = build_loader(
-            self.data.train,
-            self.data.collate,
-            env,
-            cfg.trainer.micro_batch_size,
-            cfg.trainer.seed,
-            cfg.trainer.num_workers,
-            shuffle=True,
-        )
+        if self.data.train is not None:  # else streaming: self.data.stream yields the batches
+            self.train_loader, self.sampler = build_loader(
+                self.data.train,
+                self.data.collate,
+                env,
+                cfg.trainer.micro_batch_size,
+                cfg.trainer.seed,
+                cfg.trainer.num_workers,
+                shuffle=True,
+            )
+        if cfg.trainer.epochs is not None:  # before the engine: the lr schedule needs it
+            t = cfg.trainer
+            t.max_steps = steps_for_epochs(
+                t.epochs, len(self.train_loader), t.grad_accum, cfg.optim.warmup_steps
+            )
         self.val_loader, _ = build_loader(
             self.data.validation,
             self.data.collate,
@@ -80,6 +88,17 @@ class Trainer:
         ds_config = ds.build_ds_config(cfg, env.world_size, self.precision)
         with ds.partitioned_model_init(ds_config):
             model = load_model(cfg.model, self.precision, self.tokenizer)
+        if cfg.data.packing and not separates_packed_documents(model):
+            log.warning(
+                "data.packing=true: %s does not build its attention mask with transformers' "
+                "mask utilities, so packed documents may attend to each other; use "
+                "model.attn_implementation=flash_attention_2 or data.packing=false",
+                type(model).__name__,
+            )
+        if cfg.finetune.method == FinetuneMethod.lora:
+            model = apply_lora(
+                model, cfg.finetune, cfg.trainer.seed, cfg.model.gradient_checkpointing
+            )
         self.engine = ds.Engine(model, cfg, ds_config)
         total, local = self.engine.parameter_counts()
         log.info("model: %s parameters, %s stored on rank 0", f"{total:,}", f"{local:,}")
@@ -122,6 +141,8 @@ class Trainer:
                 + "). Use a new run_dir, or set checkpoint.allow_config_change=true if intended."
             )
         meta = self.checkpoints.load(point, self.engine, self.state)
+        if self.data.stream is not None:
+            self.data.stream.check_world_size(meta["world_size"])
         self.early_stop.load_state_dict(meta.get("early_stopping"))
         log.info("resumed from %s at step %d (epoch %d)", point, self.step, self.state.epoch)
         for change in self.engine.apply_optim_settings(self.cfg.optim):
@@ -212,7 +233,7 @@ class Trainer:
             w.compute_s += t2 - t1
             w.optimizer_s += time.perf_counter() - t2
             w.add_micro_batch(int(batch["input_ids"].shape[1]))
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["num_tokens"])
             all_tokens += int(batch["input_ids"].numel())
         self.state.step += 1
         # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
@@ -294,7 +315,8 @@ class Trainer:
         export`` would; the other ranks are done (no collective follows), so none waits on a
         long export with a collective timeout running."""
         if self.env.is_main:
-            export_checkpoint(self.checkpoints.root, out_dir, self.cfg.export.max_shard_size)
+            e = self.cfg.export
+            export_checkpoint(self.checkpoints.root, out_dir, e.max_shard_size, e.merge_lora)
 
     def save_checkpoint(self, force: bool) -> None:
         """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps
@@ -312,8 +334,11 @@ class Trainer:
     def _write_hf_files(self, directory: Path) -> None:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
         self.tokenizer.save_pretrained(directory / HF_SUBDIR)
+        save_adapter_config(self.engine.module, directory / HF_SUBDIR)
 
     def _log_data_report(self) -> None:
+        if self.data.stream is not None:
+            return  # a stream's counts are not known ahead; build_stream logs what is
         r = self.data.report
         log.info(
             "data: %d of %d training examples kept (%d truncated to data.max_length=%d, %d "
@@ -331,6 +356,11 @@ class Trainer:
         )
 
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self.data.stream is not None:
+            return self.data.stream.batches(self.state, self.cfg.trainer.micro_batch_size)
+        return self._sampled_batches()
+
+    def _sampled_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro batches forever, epoch after epoch, starting where the state says: a resumed
         run continues mid-epoch right after the last sample all ranks had taken, on any number
         of ranks, skipping nothing and repeating nothing."""

@@ -1,15 +1,17 @@
-"""build_datasets/build_loader in one process, and the rank-0 failure hand-off (simulated)."""
+"""build_datasets/build_loader in one process, and the builder/waiter hand-off through the cache's
+marker file (the builder and a waiting rank as threads)."""
 
 from __future__ import annotations
 
-import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import bigscale.data.pipeline as pipeline
-from bigscale.config.schema import DataConfig, DataStyle
+from bigscale.config.schema import CacheScope, DataConfig, DataStyle
+from bigscale.data.cache import ReadyMarker, build_once, cache_root, is_builder
 from bigscale.data.pipeline import build_datasets, build_loader
 from bigscale.data.tasks import write_arithmetic_task
 from bigscale.dist.env import DistEnv
@@ -71,54 +73,51 @@ def test_build_datasets_packed(task_files, char_tokenizer, tmp_path: Path) -> No
     assert batch["input_ids"].shape == (4, 32) and "position_ids" in batch
 
 
-class FakeDist:
-    """Stands in for torch.distributed: records broadcasts, and plays rank 0's message."""
+def test_builder_failure_reaches_the_waiting_ranks(tmp_path: Path) -> None:
+    """The builder's error goes into the marker file; a waiting rank raises it unchanged and
+    never builds."""
 
-    def __init__(self, message_from_rank0: str | None) -> None:
-        self.message = message_from_rank0
-        self.sent: list[str | None] = []
+    def fails(info: dict | None) -> tuple[None, dict]:
+        raise DataError("data.text_field='text' is not a column of x.jsonl")
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
-        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(torch.distributed, "broadcast_object_list", self.broadcast)
+    with pytest.raises(DataError, match="is not a column") as err:
+        build_once(DistEnv(0, 0, 2, 2), CacheScope.cluster, tmp_path, fails, run_id="r1")
+    built = []
+    with pytest.raises(DataError) as other:
+        build_once(DistEnv(1, 1, 2, 2), CacheScope.cluster, tmp_path, built.append, run_id="r1")
+    assert str(other.value) == str(err.value) and built == []
 
-    def broadcast(self, box: list, src: int = 0, **_) -> None:
-        self.sent.append(box[0])
-        if box[0] is None:
-            box[0] = self.message
+    def crashes(info: dict | None) -> tuple[None, dict]:
+        raise MemoryError("out of memory")
 
-
-def test_rank0_failure_is_broadcast_then_raised(
-    char_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake = FakeDist(None)
-    fake.install(monkeypatch)
-    cfg = DataConfig(path=str(tmp_path / "missing.jsonl"))
-    with pytest.raises(DataError, match="no file matches") as err:
-        build_datasets(cfg, char_tokenizer, DistEnv(0, 0, 2, 2), seed=0, cache_dir=tmp_path)
-    assert fake.sent == [str(err.value)]
+    with pytest.raises(MemoryError):
+        build_once(DistEnv(0, 0, 2, 2), CacheScope.cluster, tmp_path, crashes, run_id="r2")
+    with pytest.raises(DataError, match="rank 0 failed while preparing data: MemoryError"):
+        ReadyMarker(tmp_path, "r2").wait()
 
 
-def test_other_ranks_raise_rank0_error_without_preparing(
-    char_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake = FakeDist("data.text_field='text' is not a column of x.jsonl")
-    fake.install(monkeypatch)
-    prepared = []
-    monkeypatch.setattr(pipeline, "_prepare", lambda *a: prepared.append(a))
-    cfg = DataConfig(path="x.jsonl")
-    with pytest.raises(DataError, match=re.escape("is not a column of x.jsonl")):
-        build_datasets(cfg, char_tokenizer, DistEnv(1, 1, 2, 2), seed=0, cache_dir=tmp_path)
-    assert prepared == [] and fake.sent == [None]
-
-
-def test_other_ranks_prepare_after_rank0_succeeds(
-    task_files, char_tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake = FakeDist(None)
-    fake.install(monkeypatch)
-    bundle = build_datasets(
-        cfg_for(task_files), char_tokenizer, DistEnv(1, 1, 2, 2), seed=0, cache_dir=tmp_path
+def test_waiters_get_the_builders_info_once_it_is_done(tmp_path: Path) -> None:
+    """A waiting rank blocks on the file (not a collective) until the builder is done, then
+    builds with the builder's info; a marker of another run id is not taken for this run's."""
+    ReadyMarker(tmp_path, "old-run").fail("an earlier job failed")
+    got: list = []
+    waiter = threading.Thread(
+        target=lambda: got.append(
+            build_once(DistEnv(1, 1, 2, 2), CacheScope.cluster, tmp_path, lambda i: (i, {}), "r")
+        )
     )
-    assert fake.sent == [None] and len(bundle.train) == 600
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive()  # still waiting
+    result = build_once(
+        DistEnv(0, 0, 2, 2), CacheScope.cluster, tmp_path, lambda i: ("built", {"ids": 1}), "r"
+    )
+    waiter.join(10)
+    assert result == "built" and got == [{"ids": 1}]
+
+
+def test_node_scope_builds_on_each_nodes_first_rank(tmp_path: Path) -> None:
+    env = DistEnv(rank=4, local_rank=0, world_size=8, local_world_size=4)
+    assert is_builder(env, CacheScope.node) and not is_builder(env, CacheScope.cluster)
+    assert cache_root(tmp_path, CacheScope.node).parent == tmp_path
+    assert cache_root(tmp_path, CacheScope.cluster) == tmp_path
