@@ -11,8 +11,10 @@ from bigscale.errors import BigscaleError
 
 USAGE = """bigscale train [-m] [overrides...]   compose, validate, print the plan, run
 bigscale plan [overrides...]         the same plan, without training
-bigscale export RUN_DIR|CHECKPOINT --out DIR
-                                     a Hugging Face model directory (safetensors)
+bigscale export RUN_DIR|CHECKPOINT --out DIR [--merge-lora]
+                                     a Hugging Face model directory (safetensors), or
+                                     a LoRA run's adapter (merged into the base with
+                                     --merge-lora)
 
 Overrides are Hydra's: model=qwen2_5_0_5b strategy=zero3 trainer.max_steps=500
 -m/--multirun sweeps comma lists: bigscale train -m optim.lr=1e-4,3e-4"""
@@ -107,11 +109,16 @@ def _export(args: list[str]) -> int:
     parser.add_argument(
         "--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)"
     )
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="LoRA checkpoint: the base model with the adapter merged in, not the adapter alone",
+    )
     ns = parser.parse_args(args)
     from bigscale.checkpoint.export import export_checkpoint
 
     try:
-        out = export_checkpoint(ns.source, ns.out, ns.max_shard_size)
+        out = export_checkpoint(ns.source, ns.out, ns.max_shard_size, ns.merge_lora)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -58,10 +58,17 @@ def bigscale(
 
 
 def torchrun(
-    nproc: int, args: list[str], cwd: Path, home: Path, timeout: float = 600
+    nproc: int,
+    args: list[str],
+    cwd: Path,
+    home: Path,
+    timeout: float = 600,
+    module: str = "bigscale.train",
 ) -> subprocess.CompletedProcess[str]:
+    """``torchrun -m module`` (a rank entry such as ``tests.distributed.logits_probe`` needs
+    ``cwd`` at the repository root)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc_per_node", str(nproc), "-m", "bigscale.train", *args]
+    cmd += ["--nproc_per_node", str(nproc), "-m", module, *args]
     return subprocess.run(
         cmd, cwd=cwd, env=env_for(home), capture_output=True, text=True, timeout=timeout
     )

@@ -127,18 +127,40 @@ def find_checkpoint(source: Path) -> tuple[Path, str]:
     )
 
 
-def export_checkpoint(source: Path, out_dir: Path, max_shard_size: str = "2GB") -> Path:
+def export_checkpoint(
+    source: Path, out_dir: Path, max_shard_size: str = "2GB", merge_lora: bool = False
+) -> Path:
     """A checkpoint (any ZeRO stage) to a Hugging Face directory, on one CPU process, in the
-    dtype the model was trained in."""
+    dtype the model was trained in. A LoRA checkpoint gives the adapter in peft's layout, or
+    with ``merge_lora`` the base model with the adapter merged in."""
     from transformers import AutoConfig, AutoTokenizer
 
     from bigscale.dist.ds_files import lazy_consolidated_weights
+    from bigscale.model.lora import is_lora_checkpoint
 
     root, tag = find_checkpoint(source)
     hf_dir = root / tag / HF_SUBDIR
     config = AutoConfig.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     weights = lazy_consolidated_weights(root, tag)
+    if is_lora_checkpoint(hf_dir):
+        from bigscale.model.lora import adapter_state_dict, merged_state_dict, write_adapter
+
+        adapter = adapter_state_dict(weights, hf_dir)
+        with atomic_dir(out_dir) as staging:
+            if merge_lora:
+                # peft merges the adapter exactly as PeftModel.from_pretrained would apply it.
+                with tempfile.TemporaryDirectory() as tmp:
+                    write_adapter(adapter, hf_dir, Path(tmp))
+                    merged = merged_state_dict(Path(tmp), len(tokenizer))
+                write_weights(merged, staging, _dtype(config), parse_size(max_shard_size))
+                config.save_pretrained(staging)
+            else:
+                write_adapter(adapter, hf_dir, staging)
+            tokenizer.save_pretrained(staging)
+        what = "merged model" if merge_lora else "LoRA adapter"
+        log.info("exported %s/%s to %s (%s)", root, tag, out_dir, what)
+        return Path(out_dir)
     with atomic_dir(out_dir) as staging:
         shards = write_weights(weights, staging, _dtype(config), parse_size(max_shard_size))
         config.save_pretrained(staging)

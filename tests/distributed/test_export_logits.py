@@ -5,17 +5,17 @@ transformers and gives the same logits as the trained engine."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.cli import QUICK, env_for
+from tests.cli import QUICK, torchrun
 
 pytestmark = pytest.mark.distributed
+
+REPO = Path(__file__).parents[2]
 
 
 def test_zero3_export_gives_the_engines_logits(tmp_path: Path, bigscale_home: Path) -> None:
@@ -28,16 +28,7 @@ def test_zero3_export_gives_the_engines_logits(tmp_path: Path, bigscale_home: Pa
         "eval.exact_match=false",
         "export.max_shard_size=1MB",
     ]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "tests.distributed.logits_probe", *overrides]
-    proc = subprocess.run(
-        cmd,
-        cwd=Path(__file__).parents[2],
-        env=env_for(bigscale_home),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = torchrun(2, overrides, REPO, bigscale_home, module="tests.distributed.logits_probe")
     assert proc.returncode == 0, proc.stderr[-6000:]
 
     export = run_dir / "export"
