@@ -59,6 +59,7 @@ def choose(
             micro_batch=t.micro_batch_size,
             seq_len=cfg.data.max_length,
             checkpointing=cfg.model.gradient_checkpointing,
+            checkpoint_every=cfg.model.checkpoint_every,
         )
         for name, strategy in CANDIDATES.items()
     }

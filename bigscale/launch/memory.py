@@ -100,20 +100,27 @@ class Activations:
 
 
 def activations(
-    shape: ModelShape, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    precision: Precision,
+    checkpointing: bool,
+    checkpoint_every: int = 1,
 ) -> Activations:
-    """Activation memory of one micro batch (see the module docstring for what is counted)."""
+    """Activation memory of one micro batch (see the module docstring for what is counted);
+    with ``checkpoint_every`` N, only every N-th layer is recomputed, the others keep all."""
     elem = 2 if precision in (Precision.bf16, Precision.fp16) else 4
     tokens = micro_batch * seq_len
     layer = tokens * elem * (9 * shape.hidden + 2 * shape.kv_width + 4 * shape.intermediate)
-    layer_inputs = shape.layers * tokens * elem * shape.hidden
+    recomputed = -(-shape.layers // checkpoint_every) if checkpointing else 0
+    kept = recomputed * tokens * elem * shape.hidden + (shape.layers - recomputed) * layer
     head = 3 * tokens * elem * shape.hidden  # the final norm's input and output, the head's input
     logits = tokens * shape.vocab
     return Activations(
         # The loss keeps only log-softmax's fp32 output; the logits themselves, their fp32
         # upcast and then their gradients live only around the loss.
-        stored=(layer_inputs if checkpointing else shape.layers * layer) + head + logits * 4,
-        transient=(layer if checkpointing else 0) + logits * (elem + 4),
+        stored=kept + head + logits * 4,
+        transient=(layer if recomputed else 0) + logits * (elem + 4),
     )
 
 
@@ -125,6 +132,7 @@ def estimate(
     micro_batch: int = 0,
     seq_len: int = 0,
     checkpointing: bool = False,
+    checkpoint_every: int = 1,
 ) -> MemoryEstimate:
     """Per-GPU memory; activations only when ``micro_batch`` and ``seq_len`` are given."""
     half = precision in (Precision.bf16, Precision.fp16)
@@ -140,7 +148,7 @@ def estimate(
     if strategy.offload_params:
         weights = 0.0
     acts = (
-        activations(shape, micro_batch, seq_len, precision, checkpointing).peak
+        activations(shape, micro_batch, seq_len, precision, checkpointing, checkpoint_every).peak
         if micro_batch and seq_len
         else 0.0
     )

@@ -182,6 +182,7 @@ def memory_estimate(plan: Plan) -> MemoryEstimate | str:
         micro_batch=c.trainer.micro_batch_size,
         seq_len=c.data.max_length,
         checkpointing=c.model.gradient_checkpointing,
+        checkpoint_every=c.model.checkpoint_every,
     )
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from bigscale.config.schema import ModelConfig, Precision
@@ -80,5 +81,23 @@ def load_model(
         model.resize_token_embeddings(len(tokenizer))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        select_checkpointed_layers(model, cfg.checkpoint_every)
         model.config.use_cache = False
     return model
+
+
+def select_checkpointed_layers(model: PreTrainedModel, every: int) -> int:
+    """Keep recomputation on every ``every``-th decoder layer only; returns how many keep it.
+
+    transformers marks each checkpointable block (``GradientCheckpointingLayer``) with a
+    ``gradient_checkpointing`` flag, so the others simply run normally and keep their
+    activations."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ModelError(
+            f"model.checkpoint_every={every}: {type(model).__name__} has no checkpointable "
+            "layers; set model.gradient_checkpointing=false"
+        )
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
+    return sum(1 for layer in layers if layer.gradient_checkpointing)

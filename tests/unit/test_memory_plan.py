@@ -19,6 +19,7 @@ from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
 from bigscale.launch.memory import ModelShape, activations, estimate
 from bigscale.launch.plan import make_plan, render
+from bigscale.model.load import select_checkpointed_layers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -51,21 +52,25 @@ def saved_for_backward(model: torch.nn.Module, ids: torch.Tensor) -> int:
     return sum(kept.values())
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
+@pytest.mark.parametrize("every", [0, 1, 2], ids=["full", "checkpointed", "every-2nd-layer"])
 @pytest.mark.parametrize(
     "changes", [{}, {"vocab_size": 8000, "hidden_size": 512, "intermediate_size": 1376}]
 )
-def test_stored_activations_match_what_backward_keeps(changes: dict, checkpointing: bool) -> None:
+def test_stored_activations_match_what_backward_keeps(changes: dict, every: int) -> None:
+    """``every`` 0: no checkpointing; N: model.checkpoint_every=N."""
     config = llama_config(**changes)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
-    if checkpointing:
+    if every:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert select_checkpointed_layers(model, every) == -(-config.num_hidden_layers // every)
     micro_batch, seq_len = 2, 256
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
     shape = ModelShape.from_config(config, sum(p.numel() for p in model.parameters()))
     measured = saved_for_backward(model, ids)
-    estimated = activations(shape, micro_batch, seq_len, Precision.fp32, checkpointing).stored
+    estimated = activations(
+        shape, micro_batch, seq_len, Precision.fp32, every > 0, max(every, 1)
+    ).stored
     assert estimated == pytest.approx(measured, rel=0.10)
 
 
