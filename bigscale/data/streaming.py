@@ -121,6 +121,16 @@ def _tokenized_stream(
         with_indices=True,
         fn_kwargs={"tokenizer": tokenizer, "cfg": source.cfg, "skip": skip},
         remove_columns=columns,
+        # Declared, so that interleaving need not read ahead to learn them.
+        features=datasets.Features(
+            {
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "labels": datasets.List(datasets.Value("int32")),
+                _STATUS: datasets.Value("int8"),
+                _N_TOKENS: datasets.Value("int32"),
+                _N_LOSS: datasets.Value("int32"),
+            }
+        ),
     )
     kept = encoded.filter(_kept, batched=True, input_columns=[_STATUS])
     return raw, kept.remove_columns([_STATUS, _N_TOKENS, _N_LOSS])
@@ -231,8 +241,10 @@ class TrainStream:
             if fresh and pos["window"] == 0:
                 raise DataError(
                     f"rank {self.env.rank}'s share of the streamed data is empty (no example "
-                    "kept after tokenization); add data, check data.max_length and "
-                    "data.overlong, or use fewer ranks"
+                    "kept after tokenization and the held-out data.validation_examples="
+                    f"{self.cfg.validation_examples}); add data, lower "
+                    "data.validation_examples, check data.max_length and data.overlong, or use "
+                    "fewer ranks"
                 )
             pos.update(self._fresh(pos["epoch"] + 1))
 

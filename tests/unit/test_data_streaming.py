@@ -15,7 +15,7 @@ from bigscale.config.schema import DataConfig, Overlong, TrainConfig
 from bigscale.config.validate import Hardware, validate
 from bigscale.data.pipeline import build_datasets
 from bigscale.dist.env import DistEnv
-from bigscale.errors import CheckpointError, ConfigError
+from bigscale.errors import CheckpointError, ConfigError, DataError
 from bigscale.train.state import TrainState
 
 
@@ -123,3 +123,10 @@ def test_streaming_with_epochs_asks_for_max_steps(corpus) -> None:
     cfg.trainer.num_workers = 2
     with pytest.raises(ConfigError, match="num_workers=0"):
         validate(cfg, 1, Hardware())
+
+
+def test_a_share_with_nothing_left_says_why(corpus, char_tokenizer, tmp_path) -> None:
+    cfg = stream_cfg(corpus, validation_examples=500)  # more than the corpus holds
+    bundle = build_datasets(cfg, char_tokenizer, DistEnv(), 0, tmp_path)
+    with pytest.raises(DataError, match="lower data.validation_examples"):
+        next(bundle.stream.batches(TrainState(), 4))
