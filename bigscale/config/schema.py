@@ -479,6 +479,15 @@ class ExportConfig:
 
 
 @dataclass
+class SweepConfig:
+    objective: str = "eval_loss"
+    """What ``python -m bigscale.sweep`` returns to Hydra's sweeper (Optuna) for each trial: a
+    key of the run's final metrics: ``eval_loss``, ``eval_ppl``, ``exact_match_after``, or a
+    ``eval.metric_fn`` key with ``_after``. Minimized unless
+    ``hydra.sweeper.direction=maximize``."""
+
+
+@dataclass
 class TrainConfig:
     experiment: str = "default"
     """Name used for the default run directory and the W&B group."""
@@ -499,3 +508,4 @@ class TrainConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)

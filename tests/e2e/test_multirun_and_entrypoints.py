@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.cli import QUICK, bigscale, explain, torchrun, train_rows
+from tests.wandb_log import run_record
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,8 @@ SHORT = quick(
 def test_sweep_runs_each_job_in_its_own_run_dir(tmp_path: Path, bigscale_home: Path) -> None:
     sweep = tmp_path / "sweep"
     sweep_args = ["-m", "optim.lr=1e-3,3e-3", "launcher.nproc_per_node=1", f"run_dir={sweep}"]
-    proc = bigscale(["train", *sweep_args, *SHORT], cwd=tmp_path, home=bigscale_home)
+    with_wandb = [o for o in SHORT if o != "logger=disabled"] + ["logger.mode=offline"]
+    proc = bigscale(["train", *sweep_args, *with_wandb], cwd=tmp_path, home=bigscale_home)
     assert proc.returncode == 0, explain(proc)
     jobs = sorted(p for p in sweep.iterdir() if (p / "config.yaml").is_file())
     assert len(jobs) == 2, sorted(p.name for p in sweep.iterdir())
@@ -44,6 +46,13 @@ def test_sweep_runs_each_job_in_its_own_run_dir(tmp_path: Path, bigscale_home: P
     assert [c["run_dir"] for c in configs] == [str(job.resolve()) for job in jobs]
     groups = {c["logger"]["group"] for c in configs}
     assert len(groups) == 1 and None not in groups, groups
+    # One W&B run per job (its own id and name, the job's run dir name), all in the one group.
+    run_ids = [(job / "wandb_run_id").read_text().strip() for job in jobs]
+    assert len(set(run_ids)) == 2, run_ids
+    for job, run_id in zip(jobs, run_ids, strict=True):
+        (log,) = (job / "wandb").glob(f"offline-run-*/run-{run_id}.wandb")
+        run = run_record(log)
+        assert (run.run_id, run.display_name, run.run_group) == (run_id, job.name, *groups)
 
     rows = [train_rows(job) for job in jobs]
     for job_rows in rows:
