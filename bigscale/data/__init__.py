@@ -10,4 +10,7 @@ not pay for importing torch.
 - ``sampler``: ``ResumableDistributedSampler``.
 - ``tasks``: the built-in arithmetic task.
 - ``pipeline``: ``build_datasets`` (tokenize once per job) and ``build_loader``.
+- ``cache``: one rank builds the tokenized cache, the others wait on its marker file.
+- ``mixture``: ``data.mixture`` sources and weights, data identity by content.
+- ``streaming``: ``data.streaming``, each rank's resumable share of a stream.
 """
