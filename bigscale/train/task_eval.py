@@ -77,18 +77,15 @@ def _decoder(tokenizer: PreTrainedTokenizerBase, chat: bool):
     return decode
 
 
-def evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+def score(
+    predictions: list[str],
     examples: list[Example],
     cfg: EvalConfig,
     env: DistEnv,
-    synced: bool,
     metric_fn: MetricFn | None = None,
 ) -> dict[str, float]:
     """``exact_match`` and the keys of ``eval.metric_fn``, the same on every rank; the metric
     function runs on rank 0 only and its result is broadcast (it may be slow or random)."""
-    predictions = generate(model, tokenizer, examples, cfg, env, synced)
     references = [ex.answer for ex in examples]
     hits = sum(p == r.strip() for p, r in zip(predictions, references, strict=True))
     out = {"exact_match": hits / len(examples) if examples else 0.0}

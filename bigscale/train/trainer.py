@@ -282,14 +282,16 @@ class Trainer:
         return True
 
     def evaluate_task(self) -> dict[str, float]:
-        return task_eval.evaluate(
+        predictions = task_eval.generate(
             self.engine.module,
             self.tokenizer,
             self.task_examples,
             self.cfg.eval,
             self.env,
             synced=self.engine.zero_stage == 3 and self.env.world_size > 1,
-            metric_fn=self.metric_fn,
+        )
+        return task_eval.score(
+            predictions, self.task_examples, self.cfg.eval, self.env, self.metric_fn
         )
 
     def _report_task_metric(self, when: str) -> dict[str, float]:
