@@ -12,7 +12,10 @@ from typing import Any
 
 from bigscale.config.schema import EarlyStoppingConfig, StopMode, TrainConfig
 from bigscale.errors import ConfigError
+from bigscale.logging import get_logger
 from bigscale.train.metric_fn import load_metric_fn
+
+log = get_logger(__name__)
 
 LOWER_IS_BETTER = ("eval_loss", "eval_ppl")
 GENERATION_METRICS = ("exact_match",)
@@ -132,3 +135,10 @@ class EarlyStopper:
             return  # watching another metric now (or none): start afresh
         self.best, self.bad_evals = state["best"], int(state["bad_evals"])
         self.stopped_at, self.reason = state["stopped_at"], state["reason"]
+
+    def resume(self, state: dict[str, Any] | None) -> None:
+        """The state saved in a checkpoint's metadata; says why a run that had stopped early
+        trains no further."""
+        self.load_state_dict(state)
+        if self.stopped_at is not None:
+            log.info("not training further: the run ended by %s", self.reason)

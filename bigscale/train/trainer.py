@@ -143,7 +143,7 @@ class Trainer:
         meta = self.checkpoints.load(point, self.engine, self.state)
         if self.data.stream is not None:
             self.data.stream.check_world_size(meta["world_size"])
-        self.early_stop.load_state_dict(meta.get("early_stopping"))
+        self.early_stop.resume(meta.get("early_stopping"))
         log.info("resumed from %s at step %d (epoch %d)", point, self.step, self.state.epoch)
         for change in self.engine.apply_optim_settings(self.cfg.optim):
             log.info("optimizer setting from the config, not the checkpoint: %s", change)

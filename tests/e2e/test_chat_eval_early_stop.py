@@ -80,6 +80,13 @@ def test_alpaca_chat_run_stops_early_on_a_metric_fn(tmp_path: Path, bigscale_hom
     log = (run_dir / "train.log").read_text()
     assert "early stopping at step 4: constant has not improved" in log, log[-3000:]
 
+    # The decision is in the checkpoint: the same command again resumes and trains no further.
+    again = bigscale(["train", *args], cwd=tmp_path, home=bigscale_home)
+    assert again.returncode == 0, explain(again)
+    assert max(r["step"] for r in metrics(run_dir) if "loss" in r) == 4
+    log = (run_dir / "train.log").read_text()
+    assert "not training further: the run ended by early stopping at step 4" in log, log[-3000:]
+
 
 def test_a_conversation_not_ending_with_the_assistant_fails_before_any_rank(
     tmp_path: Path, bigscale_home: Path
