@@ -75,6 +75,16 @@ def sft_files(path: Path) -> list[str]:
             ["model.name_or_path=/nonexistent/model does not exist"],
             id="missing-model",
         ),
+        pytest.param(
+            ["data.chat_template=chatmel"],
+            ["data.chat_template='chatmel'", "one of chatml, llama3, zephyr, alpaca"],
+            id="unknown-chat-template",
+        ),
+        pytest.param(
+            ["eval.metric_fn=no_such_metrics:score"],
+            ["eval.metric_fn='no_such_metrics:score'", "cannot import module 'no_such_metrics'"],
+            id="metric-fn-import",
+        ),
     ],
 )
 def test_config_error(

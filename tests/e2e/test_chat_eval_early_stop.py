@@ -105,3 +105,29 @@ def test_a_conversation_not_ending_with_the_assistant_fails_before_any_rank(
     assert proc.returncode == 2, explain(proc)
     assert "chats.jsonl:2: the conversation ends with a 'user' message" in proc.stderr
     assert not (tmp_path / "run" / "train.log").exists(), "no rank may have started"
+
+
+def test_a_template_that_raises_stops_the_rank_naming_the_example(
+    tmp_path: Path, bigscale_home: Path
+) -> None:
+    """Valid roles, so the pre-flight passes; the built-in alpaca template has no tool role and
+    says so through raise_exception, which only rendering (in the rank) finds."""
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    tool = [{"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]
+    chats = [{"messages": turn}] * 2 + [{"messages": tool}] + [{"messages": turn}] * 7
+    args = [
+        "data=chat_files",
+        f"data.path={write_jsonl(tmp_path / 'chats.jsonl', chats)}",
+        "data.validation_fraction=0",
+        "data.chat_template=alpaca",
+        "launcher.nproc_per_node=1",
+        "logger=disabled",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    proc = bigscale(["train", *args], cwd=tmp_path, home=bigscale_home, timeout=180)
+    assert proc.returncode == 2, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, explain(proc)
+    assert errors[0].startswith("error: example 2: the chat template failed"), errors
+    assert "the alpaca template has no tool role" in errors[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
