@@ -132,6 +132,12 @@ class ModelConfig:
     """Attention kernel passed to ``from_pretrained``."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    checkpoint_every: int = 1
+    """Selective checkpointing: with ``gradient_checkpointing``, recompute only every N-th decoder
+    layer (1: all of them). Each step of N trades memory back for about 1/N of the recompute."""
+    compile: bool = False
+    """``torch.compile`` the model (through DeepSpeed's ``engine.compile``). The first steps pay
+    for compilation; worth it for long runs on a GPU."""
     trust_remote_code: bool = False
     """Run Python code shipped with a hub model. Off unless you trust the repository."""
     pad_token: str | None = None

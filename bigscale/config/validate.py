@@ -228,6 +228,7 @@ def _check_scale(cfg: TrainConfig) -> None:
 
 def _check_model(cfg: TrainConfig) -> None:
     m = cfg.model
+    _positive(model__checkpoint_every=m.checkpoint_every)
     if m.create_if_missing is not None or not looks_local(m.name_or_path):
         return
     if not Path(m.name_or_path).expanduser().is_dir():

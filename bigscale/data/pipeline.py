@@ -262,6 +262,8 @@ def build_loader(
         num_workers=num_workers,
         drop_last=False,
         persistent_workers=num_workers > 0,
+        # Page-locked batches let the forward's non_blocking copy to the GPU overlap compute.
+        pin_memory=torch.cuda.is_available(),
         # Every new loader iterator draws a seed for its workers; from its own generator, not
         # the global one, so evaluation or a restart never shifts the dropout masks of training.
         generator=torch.Generator().manual_seed(seed + env.rank),

@@ -208,6 +208,8 @@ class Engine:
             lr_scheduler=lambda opt: LambdaLR(opt, schedule),
             config=ds_config,
         )
+        if cfg.model.compile:
+            self._engine.compile()
         self._manual_grad_norm: float | None = None
         self._base_optimizer = optimizer
         # Frozen weights (LoRA's base model) are not checkpointed: they come from the
