@@ -45,6 +45,7 @@ from bigscale.data.tokenize import (
     _N_TOKENS,
     _STATUS,
     _TRUNCATED,
+    ENCODED_FEATURES,
     TokenizeReport,
     _encode_batch,
     tokenize_split,
@@ -122,15 +123,7 @@ def _tokenized_stream(
         fn_kwargs={"tokenizer": tokenizer, "cfg": source.cfg, "skip": skip},
         remove_columns=columns,
         # Declared, so that interleaving need not read ahead to learn them.
-        features=datasets.Features(
-            {
-                "input_ids": datasets.List(datasets.Value("int32")),
-                "labels": datasets.List(datasets.Value("int32")),
-                _STATUS: datasets.Value("int8"),
-                _N_TOKENS: datasets.Value("int32"),
-                _N_LOSS: datasets.Value("int32"),
-            }
-        ),
+        features=ENCODED_FEATURES,
     )
     kept = encoded.filter(_kept, batched=True, input_columns=[_STATUS])
     return raw, kept.remove_columns([_STATUS, _N_TOKENS, _N_LOSS])

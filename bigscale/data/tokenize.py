@@ -33,6 +33,16 @@ _ENCODING_VERSION = 1
 # Per-example outcome, kept in a temporary column so the report survives cache hits.
 _KEPT, _TRUNCATED, _DROPPED_OVERLONG, _DROPPED_NO_LOSS = 0, 1, 2, 3
 _STATUS, _N_TOKENS, _N_LOSS = "_bigscale_status", "_bigscale_tokens", "_bigscale_loss_tokens"
+ENCODED_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        _STATUS: datasets.Value("int8"),
+        _N_TOKENS: datasets.Value("int32"),
+        _N_LOSS: datasets.Value("int32"),
+    }
+)
+"""Columns of an encoded split before filtering: ids, labels and the per-example outcome."""
 
 
 @dataclass
@@ -261,15 +271,7 @@ def tokenize_split(
         cache_file_name=cache_file,
         load_from_cache_file=True,
         new_fingerprint=key,
-        features=datasets.Features(
-            {
-                "input_ids": datasets.List(datasets.Value("int32")),
-                "labels": datasets.List(datasets.Value("int32")),
-                _STATUS: datasets.Value("int8"),
-                _N_TOKENS: datasets.Value("int32"),
-                _N_LOSS: datasets.Value("int32"),
-            }
-        ),
+        features=ENCODED_FEATURES,
         desc="Tokenizing",
     )
     report = _report(mapped)
