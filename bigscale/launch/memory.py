@@ -153,3 +153,22 @@ def estimate(
         else 0.0
     )
     return MemoryEstimate(shape.params, weights / GIB, grads / GIB, optim / GIB, acts / GIB)
+
+
+def saved_activation_bytes(model: Any, **inputs: Any) -> int:
+    """Measure what the estimate predicts: bytes of the distinct tensors autograd keeps for
+    backward during one forward (weights excluded). Used by the test and bench/memory_plan.py."""
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(kept.values())

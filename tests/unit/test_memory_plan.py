@@ -17,7 +17,7 @@ from bigscale.config.schema import Precision
 from bigscale.config.validate import Hardware, validate
 from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
-from bigscale.launch.memory import ModelShape, activations, estimate
+from bigscale.launch.memory import ModelShape, activations, estimate, saved_activation_bytes
 from bigscale.launch.plan import make_plan, render
 from bigscale.model.load import select_checkpointed_layers
 
@@ -36,22 +36,6 @@ def llama_config(**changes: int) -> LlamaConfig:
     return LlamaConfig(**{**dims, **changes}, attn_implementation="sdpa")
 
 
-def saved_for_backward(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward, weights excluded."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids, use_cache=False)
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize("every", [0, 1, 2], ids=["full", "checkpointed", "every-2nd-layer"])
 @pytest.mark.parametrize(
     "changes", [{}, {"vocab_size": 8000, "hidden_size": 512, "intermediate_size": 1376}]
@@ -67,7 +51,7 @@ def test_stored_activations_match_what_backward_keeps(changes: dict, every: int)
     micro_batch, seq_len = 2, 256
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
     shape = ModelShape.from_config(config, sum(p.numel() for p in model.parameters()))
-    measured = saved_for_backward(model, ids)
+    measured = saved_activation_bytes(model, input_ids=ids, labels=ids, use_cache=False)
     estimated = activations(
         shape, micro_batch, seq_len, Precision.fp32, every > 0, max(every, 1)
     ).stored
