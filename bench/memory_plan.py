@@ -23,8 +23,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bigscale.config.schema import Precision
-from bigscale.launch.memory import ModelShape, activations, saved_activation_bytes
+from bigscale.launch.memory import ModelShape, Workload, activations, saved_activation_bytes
 from bigscale.model.load import select_checkpointed_layers
+from bigscale.model.shapes import LLAMA_3_2_1B
 
 MIB = 2**20
 CPU_SHAPES = [  # (hidden, intermediate, layers, vocab, seq)
@@ -32,16 +33,6 @@ CPU_SHAPES = [  # (hidden, intermediate, layers, vocab, seq)
     (512, 1376, 4, 8000, 512),
     (1024, 2752, 2, 32000, 512),
 ]
-LLAMA_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=4096,
-    tie_word_embeddings=True,
-)
 
 
 def activation_rows() -> None:
@@ -67,7 +58,8 @@ def activation_rows() -> None:
             ids = torch.randint(0, vocab, (2, seq))
             measured = saved_activation_bytes(model, input_ids=ids, labels=ids, use_cache=False)
             shape = ModelShape.from_config(config, sum(p.numel() for p in model.parameters()))
-            est = activations(shape, 2, seq, Precision.fp32, every > 0, max(every, 1)).stored
+            work = Workload(2, seq, checkpointing=every > 0, checkpoint_every=max(every, 1))
+            est = activations(shape, work, Precision.fp32).stored
             label = {0: "none", 1: "every layer", 2: "every 2nd"}[every]
             print(
                 f"  h={hidden} i={inter} L={layers} V={vocab} s={seq} checkpointing {label:11}: "
@@ -84,7 +76,7 @@ def gpu_rows() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="memory_plan-"))
     model_dir = work / "llama-1b-shape"
-    LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).save_pretrained(model_dir)
+    LlamaForCausalLM(LlamaConfig(**LLAMA_3_2_1B)).save_pretrained(model_dir)
     build_char_tokenizer().save_pretrained(model_dir)
     corpus = work / "corpus.jsonl"
     with corpus.open("w") as f:

@@ -135,6 +135,10 @@ class ModelConfig:
     checkpoint_every: int = 1
     """Selective checkpointing: with ``gradient_checkpointing``, recompute only every N-th decoder
     layer (1: all of them). Each step of N trades memory back for about 1/N of the recompute."""
+    loss_chunk_tokens: int = 0
+    """Compute the LM head and the loss this many tokens at a time, never the full fp32 logits
+    (0: the model's own loss). Saves about ``tokens x vocab x 12`` bytes per micro batch for one
+    extra head matmul in backward; see ``bigscale/model/chunked_loss.py``."""
     compile: bool = False
     """``torch.compile`` the model (through DeepSpeed's ``engine.compile``). The first steps pay
     for compilation; worth it for long runs on a GPU."""

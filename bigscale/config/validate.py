@@ -229,6 +229,10 @@ def _check_scale(cfg: TrainConfig) -> None:
 def _check_model(cfg: TrainConfig) -> None:
     m = cfg.model
     _positive(model__checkpoint_every=m.checkpoint_every)
+    if m.loss_chunk_tokens < 0:
+        raise ConfigError(
+            f"model.loss_chunk_tokens={m.loss_chunk_tokens} must be 0 (off) or a token count"
+        )
     if m.create_if_missing is not None or not looks_local(m.name_or_path):
         return
     if not Path(m.name_or_path).expanduser().is_dir():
@@ -257,6 +261,12 @@ def _check_finetune(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"finetune.target_modules={f.target_modules}: {ALL_LINEAR} already means every "
             "linear layer; give it alone or list the layers instead"
+        )
+    if cfg.model.loss_chunk_tokens and "lm_head" in [*f.target_modules, *f.modules_to_save]:
+        raise ConfigError(
+            "model.loss_chunk_tokens computes the loss from lm_head's own weight, so lm_head "
+            "cannot carry an adapter or a trained copy: remove it from finetune.target_modules "
+            "and finetune.modules_to_save, or set model.loss_chunk_tokens=0"
         )
 
 

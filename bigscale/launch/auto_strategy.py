@@ -11,7 +11,7 @@ from __future__ import annotations
 from bigscale.config.schema import Precision, StrategyConfig, TrainConfig
 from bigscale.config.validate import Hardware
 from bigscale.errors import ConfigError
-from bigscale.launch.memory import GIB, MemoryEstimate, ModelShape, estimate
+from bigscale.launch.memory import GIB, MemoryEstimate, ModelShape, Workload, estimate
 
 CANDIDATES: dict[str, StrategyConfig] = {
     "ddp": StrategyConfig(name="ddp", zero_stage=0),
@@ -49,17 +49,14 @@ def choose(
     budget_gib: float,
 ) -> tuple[str, dict[str, MemoryEstimate]]:
     """The first candidate that fits, and every candidate's estimate (for the plan's reasons)."""
-    t = cfg.trainer
+    work = Workload.from_config(cfg)
     estimates = {
         name: estimate(
             shape,
             strategy,
             precision,
             world_size,
-            micro_batch=t.micro_batch_size,
-            seq_len=cfg.data.max_length,
-            checkpointing=cfg.model.gradient_checkpointing,
-            checkpoint_every=cfg.model.checkpoint_every,
+            work,
         )
         for name, strategy in CANDIDATES.items()
     }

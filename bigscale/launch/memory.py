@@ -16,7 +16,8 @@ per token (h hidden, kv key/value width, i MLP width): both norms' inputs and ou
 projections' inputs, q/k/v, the attention output, and the MLP's gate, up, activation and product.
 Gradient checkpointing keeps only each layer's input plus one layer's worth during recomputation.
 The LM head adds the logits three times around the loss: in the compute dtype, upcast to fp32,
-and log-softmax's fp32 output (the one kept for backward), with their gradients as large again.
+and log-softmax's fp32 output (the one kept for backward); with ``model.loss_chunk_tokens`` only
+one chunk's worth exists at a time and nothing of it is kept.
 It is an estimate: allocator fragmentation, temporary buffers and communication
 buckets come on top, so ``strategy=auto`` leaves a margin.
 """
@@ -26,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from bigscale.config.schema import Precision, StrategyConfig
+from bigscale.config.schema import Precision, StrategyConfig, TrainConfig
 
 GIB = 1024**3
 
@@ -87,6 +88,30 @@ def model_shape(name_or_path: str, revision: str | None, trust_remote_code: bool
 
 
 @dataclass(frozen=True)
+class Workload:
+    """What one micro batch puts through the model, and how activations are kept."""
+
+    micro_batch: int
+    seq_len: int
+    checkpointing: bool = False
+    checkpoint_every: int = 1
+    """With ``checkpointing``, only every N-th decoder layer is recomputed."""
+    loss_chunk_tokens: int = 0
+    """0: full logits around the loss; N: the chunked loss, N tokens of logits at a time."""
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> Workload:
+        m = cfg.model
+        return cls(
+            micro_batch=cfg.trainer.micro_batch_size,
+            seq_len=cfg.data.max_length,
+            checkpointing=m.gradient_checkpointing,
+            checkpoint_every=m.checkpoint_every,
+            loss_chunk_tokens=m.loss_chunk_tokens,
+        )
+
+
+@dataclass(frozen=True)
 class Activations:
     stored: float
     """Bytes forward keeps for backward (what ``saved_tensors_hooks`` would see)."""
@@ -99,28 +124,26 @@ class Activations:
         return self.stored + self.transient
 
 
-def activations(
-    shape: ModelShape,
-    micro_batch: int,
-    seq_len: int,
-    precision: Precision,
-    checkpointing: bool,
-    checkpoint_every: int = 1,
-) -> Activations:
-    """Activation memory of one micro batch (see the module docstring for what is counted);
-    with ``checkpoint_every`` N, only every N-th layer is recomputed, the others keep all."""
+def activations(shape: ModelShape, work: Workload, precision: Precision) -> Activations:
+    """Activation memory of one micro batch (see the module docstring for what is counted)."""
     elem = 2 if precision in (Precision.bf16, Precision.fp16) else 4
-    tokens = micro_batch * seq_len
+    tokens = work.micro_batch * work.seq_len
     layer = tokens * elem * (9 * shape.hidden + 2 * shape.kv_width + 4 * shape.intermediate)
-    recomputed = -(-shape.layers // checkpoint_every) if checkpointing else 0
+    recomputed = -(-shape.layers // work.checkpoint_every) if work.checkpointing else 0
     kept = recomputed * tokens * elem * shape.hidden + (shape.layers - recomputed) * layer
     head = 3 * tokens * elem * shape.hidden  # the final norm's input and output, the head's input
+    recompute = layer if recomputed else 0
+    if work.loss_chunk_tokens:
+        # Nothing of the loss is kept; one chunk's logits exist at a time, in forward and again
+        # when backward recomputes them.
+        logits = min(tokens, work.loss_chunk_tokens) * shape.vocab
+        return Activations(stored=kept + head, transient=recompute + logits * (elem + 8))
     logits = tokens * shape.vocab
     return Activations(
         # The loss keeps only log-softmax's fp32 output; the logits themselves, their fp32
         # upcast and then their gradients live only around the loss.
         stored=kept + head + logits * 4,
-        transient=(layer if recomputed else 0) + logits * (elem + 4),
+        transient=recompute + logits * (elem + 4),
     )
 
 
@@ -129,12 +152,9 @@ def estimate(
     strategy: StrategyConfig,
     precision: Precision,
     dp_ranks: int,
-    micro_batch: int = 0,
-    seq_len: int = 0,
-    checkpointing: bool = False,
-    checkpoint_every: int = 1,
+    work: Workload | None = None,
 ) -> MemoryEstimate:
-    """Per-GPU memory; activations only when ``micro_batch`` and ``seq_len`` are given."""
+    """Per-GPU memory; activations only when a ``work`` load is given."""
     half = precision in (Precision.bf16, Precision.fp16)
     weight_bytes, grad_bytes = (2, 2) if half else (4, 4)
     optim_bytes = 12 if half else 8
@@ -147,11 +167,7 @@ def estimate(
         optim = 0.0
     if strategy.offload_params:
         weights = 0.0
-    acts = (
-        activations(shape, micro_batch, seq_len, precision, checkpointing, checkpoint_every).peak
-        if micro_batch and seq_len
-        else 0.0
-    )
+    acts = activations(shape, work, precision).peak if work else 0.0
     return MemoryEstimate(shape.params, weights / GIB, grads / GIB, optim / GIB, acts / GIB)
 
 

@@ -16,7 +16,7 @@ from bigscale.config.schema import LauncherKind, Precision, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision, validate
 from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
-from bigscale.launch.memory import MemoryEstimate, ModelShape, estimate, model_shape
+from bigscale.launch.memory import MemoryEstimate, ModelShape, Workload, estimate, model_shape
 from bigscale.launch.node import multinode_command
 from bigscale.launch.topology import Topology, node_hardware, resolve_topology
 from bigscale.train.rundir import default_run_dir
@@ -179,10 +179,7 @@ def memory_estimate(plan: Plan) -> MemoryEstimate | str:
         c.strategy,
         plan.precision,
         plan.world_size,
-        micro_batch=c.trainer.micro_batch_size,
-        seq_len=c.data.max_length,
-        checkpointing=c.model.gradient_checkpointing,
-        checkpoint_every=c.model.checkpoint_every,
+        Workload.from_config(c),
     )
 
 

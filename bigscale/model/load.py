@@ -12,6 +12,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from bigscale.config.schema import ModelConfig, Precision
 from bigscale.errors import ModelError
 from bigscale.logging import get_logger
+from bigscale.model.chunked_loss import install_chunked_loss
 from bigscale.model.tiny import create_tiny_model
 
 log = get_logger(__name__)
@@ -83,6 +84,9 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         select_checkpointed_layers(model, cfg.checkpoint_every)
         model.config.use_cache = False
+    if cfg.loss_chunk_tokens:
+        install_chunked_loss(model, cfg.loss_chunk_tokens)
+        log.info("loss: LM head and cross-entropy %d tokens at a time", cfg.loss_chunk_tokens)
     return model
 
 

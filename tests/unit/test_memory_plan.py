@@ -17,9 +17,17 @@ from bigscale.config.schema import Precision
 from bigscale.config.validate import Hardware, validate
 from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
-from bigscale.launch.memory import ModelShape, activations, estimate, saved_activation_bytes
+from bigscale.launch.memory import (
+    ModelShape,
+    Workload,
+    activations,
+    estimate,
+    saved_activation_bytes,
+)
 from bigscale.launch.plan import make_plan, render
+from bigscale.model.chunked_loss import install_chunked_loss
 from bigscale.model.load import select_checkpointed_layers
+from bigscale.model.shapes import LLAMA_3_2_1B, LLAMA_3_2_1B_PARAMS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -36,39 +44,43 @@ def llama_config(**changes: int) -> LlamaConfig:
     return LlamaConfig(**{**dims, **changes}, attn_implementation="sdpa")
 
 
-@pytest.mark.parametrize("every", [0, 1, 2], ids=["full", "checkpointed", "every-2nd-layer"])
+@pytest.mark.parametrize(
+    ("every", "chunk"),
+    [(0, 0), (1, 0), (2, 0), (0, 128)],
+    ids=["full", "checkpointed", "every-2nd-layer", "chunked-loss"],
+)
 @pytest.mark.parametrize(
     "changes", [{}, {"vocab_size": 8000, "hidden_size": 512, "intermediate_size": 1376}]
 )
-def test_stored_activations_match_what_backward_keeps(changes: dict, every: int) -> None:
-    """``every`` 0: no checkpointing; N: model.checkpoint_every=N."""
+def test_stored_activations_match_what_backward_keeps(
+    changes: dict, every: int, chunk: int
+) -> None:
+    """``every`` 0: no checkpointing; N: model.checkpoint_every=N. ``chunk``:
+    model.loss_chunk_tokens."""
     config = llama_config(**changes)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
     if every:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         assert select_checkpointed_layers(model, every) == -(-config.num_hidden_layers // every)
+    if chunk:
+        install_chunked_loss(model, chunk)
     micro_batch, seq_len = 2, 256
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
     shape = ModelShape.from_config(config, sum(p.numel() for p in model.parameters()))
     measured = saved_activation_bytes(model, input_ids=ids, labels=ids, use_cache=False)
-    estimated = activations(
-        shape, micro_batch, seq_len, Precision.fp32, every > 0, max(every, 1)
-    ).stored
+    work = Workload(
+        micro_batch,
+        seq_len,
+        checkpointing=every > 0,
+        checkpoint_every=max(every, 1),
+        loss_chunk_tokens=chunk,
+    )
+    estimated = activations(shape, work, Precision.fp32).stored
     assert estimated == pytest.approx(measured, rel=0.10)
 
 
-LLAMA_1B = ModelShape.from_config(
-    LlamaConfig(
-        vocab_size=128256,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-    ),
-    params=1_235_814_400,
-)
+LLAMA_1B = ModelShape.from_config(LlamaConfig(**LLAMA_3_2_1B), params=LLAMA_3_2_1B_PARAMS)
 
 
 def test_model_states_shrink_with_each_stage() -> None:
@@ -78,7 +90,7 @@ def test_model_states_shrink_with_each_stage() -> None:
     ]
     assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
     ddp = estimate(LLAMA_1B, auto_strategy.CANDIDATES["ddp"], bf16, dp_ranks=8)
-    assert ddp.total_gib == pytest.approx(1_235_814_400 * 16 / 1024**3)  # 2 + 2 + 12 bytes
+    assert ddp.total_gib == pytest.approx(LLAMA_3_2_1B_PARAMS * 16 / 1024**3)  # 2 + 2 + 12 bytes
     lora = ModelShape(**{**LLAMA_1B.__dict__, "trainable": 1_000_000})
     assert estimate(lora, auto_strategy.CANDIDATES["ddp"], bf16, 8).total_gib < 2.5
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from bigscale.checkpoint.compat import changes, fingerprint
 from bigscale.config.compose import compose_config
@@ -14,21 +14,13 @@ from bigscale.config.schema import FinetuneConfig, FinetuneMethod
 from bigscale.config.validate import Hardware, validate
 from bigscale.errors import ConfigError, ModelError
 from bigscale.model.lora import apply_lora, linear_layer_names, resolve_targets
+from tests.models import tiny_gpt2, tiny_llama
 
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(tie_word_embeddings=False)
 
 
 def lora(**kwargs: object) -> FinetuneConfig:
@@ -37,7 +29,7 @@ def lora(**kwargs: object) -> FinetuneConfig:
 
 def test_linear_layer_names_are_leaf_names_once_without_the_lm_head() -> None:
     assert linear_layer_names(llama()) == LLAMA_LINEAR
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))
+    gpt2 = tiny_gpt2()
     assert linear_layer_names(gpt2) == ["c_attn", "c_proj", "c_fc"]  # Conv1D counts as linear
 
 

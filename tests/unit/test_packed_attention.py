@@ -7,30 +7,21 @@ import itertools
 import datasets
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from bigscale.data.collate import model_inputs, pack_collate, pack_examples
 from bigscale.model.attention import separates_packed_documents
+from tests.models import tiny_gpt2, tiny_llama
 
 LENGTHS = [5, 9, 3, 6]  # packed into rows of 16: [5, 9] + padding, [3, 6] + padding
 
 
 def llama(attn: str) -> torch.nn.Module:
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        attn_implementation=attn,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=50, attn_implementation=attn).eval()
 
 
 def gpt2(attn: str) -> torch.nn.Module:
-    config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, attn_implementation=attn)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(vocab_size=50, attn_implementation=attn).eval()
 
 
 def packed_batch() -> tuple[dict[str, torch.Tensor], list[tuple[int, int, int]]]:

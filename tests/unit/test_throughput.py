@@ -3,30 +3,22 @@ per-window rates, checked against numbers worked out by hand."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
+from transformers import LlamaConfig
 
 from bigscale.metrics import throughput
 from bigscale.metrics.throughput import MfuFormula, Window, flops_per_token, peak_tflops
+from bigscale.model.shapes import LLAMA_3_2_1B, LLAMA_3_2_1B_PARAMS
 
-# Llama-3.2-1B's shape: 16 layers, 32 heads of 64, hidden 2048, vocab 128256, tied embeddings.
-LLAMA_1B = SimpleNamespace(
-    hidden_size=2048,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    head_dim=64,
-    vocab_size=128256,
-    tie_word_embeddings=True,
-)
+LLAMA_1B = LlamaConfig(**LLAMA_3_2_1B)  # 32 heads of 64
 
 
 def test_flops_per_token_counts_the_tied_lm_head_and_attention() -> None:
-    params = 1_235_814_400  # the model's parameters, embedding counted once
+    params = LLAMA_3_2_1B_PARAMS
     lm_head = 128256 * 2048
     attention = 12 * 16 * 32 * 64 * 2048
     assert flops_per_token(LLAMA_1B, params, 2048) == 6 * (params + lm_head) + attention
-    untied = SimpleNamespace(**{**vars(LLAMA_1B), "tie_word_embeddings": False})
+    untied = LlamaConfig(**{**LLAMA_3_2_1B, "tie_word_embeddings": False})
     assert flops_per_token(untied, params, 2048) == 6 * params + attention
 
 
@@ -46,8 +38,8 @@ def test_peak_is_looked_up_by_the_most_specific_name(name: str, peak: float | No
 
 
 def test_mfu_is_achieved_over_peak() -> None:
-    mfu = MfuFormula(LLAMA_1B, 1_235_814_400, 989.0)
-    per_token = flops_per_token(LLAMA_1B, 1_235_814_400, 2048)
+    mfu = MfuFormula(LLAMA_1B, LLAMA_3_2_1B_PARAMS, 989.0)
+    per_token = flops_per_token(LLAMA_1B, LLAMA_3_2_1B_PARAMS, 2048)
     assert mfu(45_000, 2048) == pytest.approx(45_000 * per_token / 989e12)
     assert 0.4 < mfu(45_000, 2048) < 0.6  # the order of magnitude llm-foundry reports
 
