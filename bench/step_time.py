@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,7 @@ SIDES = ("bigscale", "bare", "hf")
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup-steps", type=int, default=10, help="left out of the timing")
+    add_workload_args(parser)
     parser.add_argument("--rounds", type=int, default=3)
     # The baselines' ranks re-enter this file under torchrun; these are theirs.
     parser.add_argument("--child", choices=["bare", "hf"])
@@ -80,7 +75,7 @@ def main() -> None:
             order = SIDES[r % 3 :] + SIDES[: r % 3]
             for side in order:
                 result = (
-                    run_bigscale(args, work, r)
+                    run_bigscale(args, work, f"bigscale-{r}")
                     if side == "bigscale"
                     else run_child(args, work, side)
                 )
@@ -96,6 +91,17 @@ def main() -> None:
         print(f"kept for a look: {work}", file=sys.stderr)
         raise
     shutil.rmtree(work, ignore_errors=True)
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The model and run shape; bench/switches.py takes the same."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup-steps", type=int, default=10, help="left out of the timing")
 
 
 def overrides(args: argparse.Namespace, work: Path, run_dir: Path) -> list[str]:
@@ -180,10 +186,13 @@ def run(command: list[str], work: Path, log: Path) -> None:
         sys.exit(f"{' '.join(command[4:])} failed (exit {code}):\n{text[start:][:6000]}")
 
 
-def run_bigscale(args: argparse.Namespace, work: Path, round_: int) -> dict[str, float]:
-    run_dir = work / f"bigscale-{round_}"  # fresh each round: resume=auto must find nothing
+def run_bigscale(
+    args: argparse.Namespace, work: Path, name: str, extra: Sequence[str] = ()
+) -> dict[str, float]:
+    """One run, ``extra`` overrides on top; ``name`` must be fresh (resume=auto finds nothing)."""
+    run_dir = work / name
     command = [*torchrun(), f"--nproc_per_node={RANKS}", "-m", "bigscale.train"]
-    run([*command, *overrides(args, work, run_dir)], work, work / f"bigscale-{round_}.out")
+    run([*command, *overrides(args, work, run_dir), *extra], work, work / f"{name}.out")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [row for row in rows if "step_time_s" in row and row["step"] > args.warmup_steps]
     # Each window holds --warmup-steps steps, so the mean of the windows is the mean per step.
@@ -194,6 +203,7 @@ def run_bigscale(args: argparse.Namespace, work: Path, round_: int) -> dict[str,
         "data_s": mean["data_wait_s"],
         "forward_backward_s": mean["forward_backward_s"],
         "optimizer_s": mean["optimizer_s"],
+        "peak_mem_gib": max(row["peak_mem_gib"] for row in windows),
     }
 
 

@@ -32,6 +32,7 @@ class ModelDType(str, Enum):
 
 
 class AttnImplementation(str, Enum):
+    auto = "auto"  # flash_attention_2 where installed and usable, else sdpa
     sdpa = "sdpa"
     eager = "eager"
     flash_attention_2 = "flash_attention_2"
@@ -128,8 +129,10 @@ class ModelConfig:
     """Tokenizer location when it differs from the model's."""
     dtype: ModelDType = ModelDType.auto
     """Weight dtype at load time; ``auto`` follows ``trainer.precision``."""
-    attn_implementation: AttnImplementation = AttnImplementation.sdpa
-    """Attention kernel passed to ``from_pretrained``."""
+    attn_implementation: AttnImplementation = AttnImplementation.auto
+    """Attention kernel passed to ``from_pretrained``. ``auto``: ``flash_attention_2`` when the
+    flash-attn package is installed, a CUDA GPU is present and the weights are 16-bit (it also
+    runs packed rows as variable-length sequences, with no mask); otherwise ``sdpa``."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     checkpoint_every: int = 1

@@ -12,6 +12,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from bigscale.config.schema import ModelConfig, Precision
 from bigscale.errors import ModelError
 from bigscale.logging import get_logger
+from bigscale.model.attention import attention_kernel
 from bigscale.model.chunked_loss import install_chunked_loss
 from bigscale.model.tiny import create_tiny_model
 
@@ -68,12 +69,15 @@ def load_model(
     cfg: ModelConfig, precision: Precision, tokenizer: PreTrainedTokenizerBase
 ) -> PreTrainedModel:
     """Call inside ``engine.partitioned_model_init`` so ZeRO-3 builds the model partitioned."""
+    dtype = load_dtype(cfg, precision)
+    kernel = attention_kernel(cfg.attn_implementation, dtype)
+    log.info("attention: %s", kernel)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
             revision=cfg.revision,
-            dtype=load_dtype(cfg, precision),
-            attn_implementation=cfg.attn_implementation.value,
+            dtype=dtype,
+            attn_implementation=kernel,
             trust_remote_code=cfg.trust_remote_code,
         )
     except (OSError, ValueError) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import datasets
@@ -9,8 +10,10 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from bigscale.config.schema import AttnImplementation
 from bigscale.data.collate import model_inputs, pack_collate, pack_examples
-from bigscale.model.attention import separates_packed_documents
+from bigscale.errors import ModelError
+from bigscale.model.attention import attention_kernel, separates_packed_documents
 from tests.models import tiny_gpt2, tiny_llama
 
 LENGTHS = [5, 9, 3, 6]  # packed into rows of 16: [5, 9] + padding, [3, 6] + padding
@@ -85,3 +88,14 @@ def test_a_model_without_transformers_mask_builder_is_reported() -> None:
 
     assert not separates_packed_documents(Custom())
     assert separates_packed_documents(llama("eager"))
+
+
+def test_auto_attention_takes_flash_attention_only_where_it_runs() -> None:
+    usable = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    want = "flash_attention_2" if usable else "sdpa"
+    assert attention_kernel(AttnImplementation.auto, torch.bfloat16) == want
+    assert attention_kernel(AttnImplementation.auto, torch.float32) == "sdpa"
+    assert attention_kernel(AttnImplementation.eager, torch.float32) == "eager"
+    # fp32 weights rule flash attention out on any machine; the error gives the fix.
+    with pytest.raises(ModelError, match="flash_attention_2: .*use model.attn_implementation=auto"):
+        attention_kernel(AttnImplementation.flash_attention_2, torch.float32)
