@@ -19,7 +19,6 @@ from bigscale.config.compose import to_plain_dict
 from bigscale.config.schema import FinetuneMethod, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
-from bigscale.data.pipeline import build_datasets, build_loader, steps_for_epochs
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
@@ -30,6 +29,7 @@ from bigscale.model.attention import separates_packed_documents
 from bigscale.model.load import load_model, load_tokenizer
 from bigscale.model.lora import apply_lora, save_adapter_config
 from bigscale.train import task_eval
+from bigscale.train.data_feed import DataFeed
 from bigscale.train.early_stop import EarlyStopper
 from bigscale.train.faults import Faults
 from bigscale.train.guard import StepGuard
@@ -56,34 +56,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         set_chat_template(self.tokenizer, cfg.data)  # before tokenizing: cache keys hash it
         # Data before the model: a broken dataset should fail before minutes of model loading.
-        self.data = build_datasets(
-            cfg.data, self.tokenizer, env, cfg.trainer.seed, self._tokenized_cache_dir()
-        )
-        self._log_data_report()
-        if self.data.train is not None:  # else streaming: self.data.stream yields the batches
-            self.train_loader, self.sampler = build_loader(
-                self.data.train,
-                self.data.collate,
-                env,
-                cfg.trainer.micro_batch_size,
-                cfg.trainer.seed,
-                cfg.trainer.num_workers,
-                shuffle=True,
-            )
+        self.data = DataFeed(cfg, env, self.tokenizer, run_dir)
         if cfg.trainer.epochs is not None:  # before the engine: the lr schedule needs it
-            t = cfg.trainer
-            t.max_steps = steps_for_epochs(
-                t.epochs, len(self.train_loader), t.grad_accum, cfg.optim.warmup_steps
-            )
-        self.val_loader, _ = build_loader(
-            self.data.validation,
-            self.data.collate,
-            env,
-            cfg.trainer.micro_batch_size,
-            cfg.trainer.seed,
-            cfg.trainer.num_workers,
-            shuffle=False,
-        )
+            cfg.trainer.max_steps = self.data.steps_for_epochs()
 
         ds_config = ds.build_ds_config(cfg, env.world_size, self.precision)
         with ds.partitioned_model_init(ds_config):
@@ -180,7 +155,7 @@ class Trainer:
         """Steps until ``max_steps``, logging, evaluating and checkpointing on their cadence."""
         t = self.cfg.trainer
         bar = ProgressBar(t.max_steps, self.step, self._show_progress())
-        batches = self._batches()
+        batches = self.data.batches(self.state)
         self.window = Window()  # not counting the evaluation before training
         while self.step < t.max_steps and self.early_stop.stopped_at is None:
             stats = self.train_step(batches)
@@ -258,9 +233,9 @@ class Trainer:
         """Mean validation loss over the same number of batches on every rank (a forward is a
         collective under ZeRO-3, so ranks must agree on how many)."""
         self.engine.train(False)
-        limit = min(self.cfg.trainer.eval_batches, len(self.val_loader))
+        limit = min(self.cfg.trainer.eval_batches, len(self.data.validation))
         total = torch.zeros(2, dtype=torch.float64)
-        for i, batch in enumerate(self.val_loader):
+        for i, batch in enumerate(self.data.validation):
             if i >= limit:
                 break
             total += torch.tensor([float(self.engine.forward(batch)), 1.0], dtype=torch.float64)
@@ -338,51 +313,6 @@ class Trainer:
         self.tokenizer.save_pretrained(directory / HF_SUBDIR)
         save_adapter_config(self.engine.module, directory / HF_SUBDIR)
 
-    def _log_data_report(self) -> None:
-        if self.data.stream is not None:
-            return  # a stream's counts are not known ahead; build_stream logs what is
-        r = self.data.report
-        log.info(
-            "data: %d of %d training examples kept (%d truncated to data.max_length=%d, %d "
-            "dropped as too long, %d dropped with no loss tokens); %s tokens, %s with loss; "
-            "%d validation examples",
-            r.examples_out,
-            r.examples_in,
-            r.truncated,
-            self.cfg.data.max_length,
-            r.dropped_overlong,
-            r.dropped_no_loss,
-            f"{r.tokens:,}",
-            f"{r.loss_tokens:,}",
-            len(self.data.validation),
-        )
-
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.data.stream is not None:
-            return self.data.stream.batches(self.state, self.cfg.trainer.micro_batch_size)
-        return self._sampled_batches()
-
-    def _sampled_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro batches forever, epoch after epoch, starting where the state says: a resumed
-        run continues mid-epoch right after the last sample all ranks had taken, on any number
-        of ranks, skipping nothing and repeating nothing."""
-        pos, mbs, ranks = self.state, self.cfg.trainer.micro_batch_size, self.env.world_size
-        while True:
-            start = pos.samples_in_epoch
-            self.sampler.load_state_dict({"epoch": pos.epoch, "start": start, "consumed": 0})
-            share = len(self.sampler)  # what each rank takes of the rest of the epoch
-            if start and not share:
-                pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
-                continue
-            taken = 0
-            for batch in self.train_loader:
-                # Every rank takes the same count (the sampler sees to it), the last batch of
-                # an epoch possibly short.
-                taken = min(taken + mbs, share)
-                pos.samples_in_epoch = start + taken * ranks
-                yield batch
-            pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
-
     def _train_row(self, stats: StepStats) -> dict[str, float]:
         row: dict[str, float] = {
             "step": self.step,
@@ -416,9 +346,3 @@ class Trainer:
         if not enabled:
             return []
         return task_eval.read_examples(self.cfg.data, self.cfg.eval.max_examples)
-
-    def _tokenized_cache_dir(self) -> Path:
-        if self.cfg.data.cache_dir:
-            return Path(self.cfg.data.cache_dir)
-        # Next to the run directories of the experiment, so later runs reuse the tokenization.
-        return self.run_dir.parent / ".tokenized"

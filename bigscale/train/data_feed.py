@@ -1,0 +1,114 @@
+"""The trainer's data: the training and validation loaders built from the config, and the
+training batches, which continue from the position a checkpoint saved."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from bigscale.config.schema import TrainConfig
+from bigscale.data.pipeline import build_datasets, build_loader, steps_for_epochs
+from bigscale.dist.env import DistEnv
+from bigscale.logging import get_logger
+from bigscale.train.state import TrainState
+
+log = get_logger(__name__)
+
+
+class DataFeed:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env: DistEnv,
+        tokenizer: PreTrainedTokenizerBase,
+        run_dir: Path,
+    ):
+        self.cfg, self.env = cfg, env
+        t = cfg.trainer
+        self.data = build_datasets(cfg.data, tokenizer, env, t.seed, _cache_dir(cfg, run_dir))
+        self.stream = self.data.stream
+        """With ``data.streaming``, the stream that yields the training batches; else None."""
+        self._log_report()
+        if self.data.train is not None:
+            self.train_loader, self.sampler = build_loader(
+                self.data.train,
+                self.data.collate,
+                env,
+                t.micro_batch_size,
+                t.seed,
+                t.num_workers,
+                shuffle=True,
+            )
+        self.validation = build_loader(
+            self.data.validation,
+            self.data.collate,
+            env,
+            t.micro_batch_size,
+            t.seed,
+            t.num_workers,
+            shuffle=False,
+        )[0]
+
+    def steps_for_epochs(self) -> int:
+        """``trainer.epochs`` as optimizer steps (the lr schedule needs them before the engine)."""
+        t = self.cfg.trainer
+        assert t.epochs is not None
+        return steps_for_epochs(
+            t.epochs, len(self.train_loader), t.grad_accum, self.cfg.optim.warmup_steps
+        )
+
+    def batches(self, position: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro batches forever, from ``position``, which they keep up to date."""
+        if self.stream is not None:
+            return self.stream.batches(position, self.cfg.trainer.micro_batch_size)
+        return self._sampled_batches(position)
+
+    def _sampled_batches(self, pos: TrainState) -> Iterator[dict[str, torch.Tensor]]:
+        """Epoch after epoch, starting where the state says: a resumed run continues mid-epoch
+        right after the last sample all ranks had taken, on any number of ranks, skipping
+        nothing and repeating nothing."""
+        mbs, ranks = self.cfg.trainer.micro_batch_size, self.env.world_size
+        while True:
+            start = pos.samples_in_epoch
+            self.sampler.load_state_dict({"epoch": pos.epoch, "start": start, "consumed": 0})
+            share = len(self.sampler)  # what each rank takes of the rest of the epoch
+            if start and not share:
+                pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+                continue
+            taken = 0
+            for batch in self.train_loader:
+                # Every rank takes the same count (the sampler sees to it), the last batch of
+                # an epoch possibly short.
+                taken = min(taken + mbs, share)
+                pos.samples_in_epoch = start + taken * ranks
+                yield batch
+            pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+
+    def _log_report(self) -> None:
+        if self.stream is not None:
+            return  # a stream's counts are not known ahead; build_stream logs what is
+        r = self.data.report
+        log.info(
+            "data: %d of %d training examples kept (%d truncated to data.max_length=%d, %d "
+            "dropped as too long, %d dropped with no loss tokens); %s tokens, %s with loss; "
+            "%d validation examples",
+            r.examples_out,
+            r.examples_in,
+            r.truncated,
+            self.cfg.data.max_length,
+            r.dropped_overlong,
+            r.dropped_no_loss,
+            f"{r.tokens:,}",
+            f"{r.loss_tokens:,}",
+            len(self.data.validation),
+        )
+
+
+def _cache_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    # Next to the run directories of the experiment, so later runs reuse the tokenization.
+    return run_dir.parent / ".tokenized"
