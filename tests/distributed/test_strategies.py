@@ -1,5 +1,6 @@
 """Real torchrun, 2 processes on gloo, real DeepSpeed engines: ddp, ZeRO-2 and ZeRO-3 train the
-same tiny model on the same packed data; the loss falls, the exported model loads and generates,
+same tiny model on the same packed data (ZeRO-3 with activation checkpointing and the chunked
+loss); the loss falls, the exported model loads and generates,
 ZeRO-3's export matches the unpartitioned strategies' weights, and a run killed, stopped by a
 signal or restarted by torchrun ends exactly as the uninterrupted one."""
 
@@ -33,9 +34,11 @@ STRATEGIES = ["ddp", "zero2", "zero3"]
 # Packed sequences (2-3 sums per row at 32 tokens) in every run here, so the exact-resume tests
 # cover the packed data path too.
 ARGS = [*QUICK, "data.packing=true", "data.max_length=32"]
-# Non-reentrant activation checkpointing recomputes the same values, so turning it on for one
-# strategy must leave the losses and weights compared below unchanged.
-EXTRA = {"zero3": ["model.gradient_checkpointing=true"]}
+# ZeRO-3 also runs with activation checkpointing and the chunked loss (the LM head's weight is
+# partitioned, so the chunks depend on DeepSpeed gathering it in forward and again when backward
+# recomputes them). Both compute the same values, so the losses and weights compared below
+# with the other strategies must not change.
+EXTRA = {"zero3": ["model.gradient_checkpointing=true", "model.loss_chunk_tokens=48"]}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +54,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
                 "launcher.nproc_per_node=2",
                 f"run_dir={run_dir}",
                 *ARGS,
+                *EXTRA.get(strategy, []),
             ],
             cwd=work,
             home=bigscale_home,
@@ -103,7 +107,7 @@ def test_same_losses_across_strategies(runs: dict[str, Path]) -> None:
         assert losses[other] == pytest.approx(losses["ddp"], rel=1e-3), losses
 
 
-def test_zero3_builds_the_model_partitioned(runs: dict[str, Path]) -> None:
+def test_zero3_builds_the_model_partitioned_with_the_chunked_loss(runs: dict[str, Path]) -> None:
     def stored(strategy: str) -> tuple[int, int]:
         line = next(
             line
@@ -115,6 +119,9 @@ def test_zero3_builds_the_model_partitioned(runs: dict[str, Path]) -> None:
         return int(found[1].replace(",", "")), int(found[2].replace(",", ""))
 
     total3, local3 = stored("zero3")
+    assert (
+        "LM head and cross-entropy 48 tokens at a time" in (runs["zero3"] / "train.log").read_text()
+    )
     total2, local2 = stored("zero2")
     assert total3 == total2 == local2
     assert local3 <= total3 // 2 + 1024  # about half on each of the 2 ranks
