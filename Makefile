@@ -36,6 +36,7 @@ bench: $(STAMP)  ## benchmarks (not part of the tests); results go in bench/RESU
 	$(BIN)/python bench/memory_plan.py
 	$(BIN)/python bench/chunked_loss.py
 	$(BIN)/python bench/switches.py
+	$(BIN)/python bench/gpu_throughput.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
