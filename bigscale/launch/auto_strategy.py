@@ -51,13 +51,7 @@ def choose(
     """The first candidate that fits, and every candidate's estimate (for the plan's reasons)."""
     work = Workload.from_config(cfg)
     estimates = {
-        name: estimate(
-            shape,
-            strategy,
-            precision,
-            world_size,
-            work,
-        )
+        name: estimate(shape, strategy, precision, world_size, work)
         for name, strategy in CANDIDATES.items()
     }
     for name, mem in estimates.items():

@@ -174,13 +174,7 @@ def memory_estimate(plan: Plan) -> MemoryEstimate | str:
         if m.create_if_missing is not None:
             return "model is created on first use"
         return f"unknown (model config not readable: {str(exc).splitlines()[0]})"
-    return estimate(
-        shape,
-        c.strategy,
-        plan.precision,
-        plan.world_size,
-        Workload.from_config(c),
-    )
+    return estimate(shape, c.strategy, plan.precision, plan.world_size, Workload.from_config(c))
 
 
 def render(plan: Plan, with_memory: bool = True) -> str:

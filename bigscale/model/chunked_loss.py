@@ -15,6 +15,7 @@ access during the model's forward and gathers it as an external parameter of the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -68,6 +69,8 @@ def install_chunked_loss(model: PreTrainedModel, chunk_tokens: int) -> None:
             )
     own_forward = model.forward
 
+    # generate() reads the forward's signature to decide what to pass (logits_to_keep, ...).
+    @functools.wraps(own_forward)
     def forward(
         input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any
     ) -> CausalLMOutputWithPast:

@@ -4,6 +4,7 @@ without keeping the full logits for backward."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -154,3 +155,11 @@ def test_the_plan_counts_one_chunk_of_logits() -> None:
     logits = 4 * 2048 * 128256
     assert full.peak - chunked.peak == logits * 10 - logits // 8 * 10
     assert full.stored - chunked.stored == logits * 4
+
+
+def test_the_forward_keeps_the_model_signature_for_generate() -> None:
+    model = tiny_llama(vocab_size=VOCAB)
+    before = inspect.signature(model.forward)
+    install_chunked_loss(model, 4)
+    assert inspect.signature(model.forward) == before
+    assert "logits_to_keep" in inspect.signature(model.forward).parameters
