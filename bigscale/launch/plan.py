@@ -198,6 +198,7 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"{plan.global_batch * c.data.max_length:,} tokens/step",
         f"steps           {t.max_steps} (lr {c.optim.lr:g}, {c.optim.schedule.value}, "
         f"warmup {c.optim.warmup_steps})",
+        f"speed           {_speed_summary(c)}",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
     if plan.kind is LauncherKind.slurm:
@@ -220,6 +221,18 @@ def render(plan: Plan, with_memory: bool = True) -> str:
             lines.append(f"memory/GPU      {mem}")
     lines.append(f"command         {redact_text(shlex.join(plan.command()))}")
     return "\n".join(lines)
+
+
+def _speed_summary(c: TrainConfig) -> str:
+    m = c.model
+    checkpointing = "off"
+    if m.gradient_checkpointing:
+        checkpointing = "every layer" if m.checkpoint_every == 1 else f"every {m.checkpoint_every}"
+    loss = f"chunked, {m.loss_chunk_tokens} tokens" if m.loss_chunk_tokens else "full logits"
+    return (
+        f"attention {m.attn_implementation.value}, loss {loss}, activation checkpointing "
+        f"{checkpointing}, compile {'on' if m.compile else 'off'}"
+    )
 
 
 def _slurm_summary(plan: Plan) -> str:

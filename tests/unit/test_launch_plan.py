@@ -234,3 +234,29 @@ def test_plan_checks_data_files_that_are_not_generated(tmp_path: Path) -> None:
 def test_plan_refuses_a_missing_model_directory(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["plan", "model.name_or_path=./no-such-model", "model.create_if_missing=null"])
     assert "model.name_or_path=./no-such-model does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            [],
+            "attention auto, loss full logits, activation checkpointing off, compile off",
+        ),
+        (
+            [
+                "model.attn_implementation=eager",
+                "model.loss_chunk_tokens=1024",
+                "model.gradient_checkpointing=true",
+                "model.checkpoint_every=2",
+                "model.compile=true",
+            ],
+            "attention eager, loss chunked, 1024 tokens, activation checkpointing every 2, "
+            "compile on",
+        ),
+    ],
+    ids=["defaults", "all-switched"],
+)
+def test_the_plan_shows_the_speed_switches(overrides: list[str], line: str) -> None:
+    rendered = render(plan_for(overrides), with_memory=False)
+    assert f"speed           {line}" in rendered.splitlines()
