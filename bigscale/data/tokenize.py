@@ -203,8 +203,12 @@ def cache_key(
 
 
 def _report(mapped: datasets.Dataset) -> TokenizeReport:
-    table = mapped.with_format("numpy")
-    status = np.asarray(table[_STATUS], dtype=np.int64)
+    table = mapped.with_format("arrow")  # whole columns at once; numpy format reads row by row
+
+    def column(name: str) -> np.ndarray:
+        return table[name].to_numpy().astype(np.int64)
+
+    status = column(_STATUS)
     kept = (status == _KEPT) | (status == _TRUNCATED)
     return TokenizeReport(
         examples_in=len(status),
@@ -212,8 +216,8 @@ def _report(mapped: datasets.Dataset) -> TokenizeReport:
         truncated=int((status == _TRUNCATED).sum()),
         dropped_overlong=int((status == _DROPPED_OVERLONG).sum()),
         dropped_no_loss=int((status == _DROPPED_NO_LOSS).sum()),
-        tokens=int(np.asarray(table[_N_TOKENS], dtype=np.int64)[kept].sum()),
-        loss_tokens=int(np.asarray(table[_N_LOSS], dtype=np.int64)[kept].sum()),
+        tokens=int(column(_N_TOKENS)[kept].sum()),
+        loss_tokens=int(column(_N_LOSS)[kept].sum()),
     )
 
 
