@@ -73,7 +73,7 @@ def main() -> None:
     try:
         for step in range(1, args.rounds + 1):
             t0 = time.perf_counter()
-            manager.save(step, engine, state, {"step": step}, force=True)
+            manager.save(step, engine, state, lambda s=step: {"step": s}, force=True)
             results["ours_save"].append(time.perf_counter() - t0)
             tag = (work / "bigscale" / "latest").read_text().strip()
             size_ours = sum(

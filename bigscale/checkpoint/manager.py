@@ -88,11 +88,13 @@ class CheckpointManager:
         step: int,
         sharded: ShardedState,
         state: Stateful,
-        meta: dict[str, Any],
+        meta: Callable[[], dict[str, Any]],
         extra_files: Callable[[Path], None] | None = None,
         force: bool = False,
     ) -> bool:
-        """Write a checkpoint for ``step`` if it is due (or ``force``); True if one was written."""
+        """Write a checkpoint for ``step`` if it is due (or ``force``); True if one was written.
+
+        ``meta`` is called only when one is written: the trainer asks after every step."""
         if step == self._last_saved_step or not (force or self.due(step)):
             return False
         tag = tag_for(step)
@@ -113,7 +115,7 @@ class CheckpointManager:
         # Plain containers only, so loading can insist on weights_only=True.
         torch.save(state.state_dict(), partial / f"train_state_rank{self.env.rank:05d}.pt")
         if self.env.is_main:
-            (partial / META).write_text(json.dumps({**meta, "world_size": self.env.world_size}))
+            (partial / META).write_text(json.dumps({**meta(), "world_size": self.env.world_size}))
             if extra_files is not None:
                 extra_files(partial)
         _barrier()

@@ -298,15 +298,17 @@ class Trainer:
     def save_checkpoint(self, force: bool) -> None:
         """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps
         the Hugging Face config and tokenizer, so ``bigscale export`` needs nothing else."""
-        meta = {
+        self.checkpoints.save(
+            self.step, self.engine, self.state, self._meta, self._write_hf_files, force=force
+        )
+
+    def _meta(self) -> dict[str, object]:
+        return {
             "step": self.step,
             "fingerprint": fingerprint(self.cfg, self.env.world_size),
             "versions": package_versions(),
             "early_stopping": self.early_stop.state_dict(),
         }
-        self.checkpoints.save(
-            self.step, self.engine, self.state, meta, self._write_hf_files, force=force
-        )
 
     def _write_hf_files(self, directory: Path) -> None:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
