@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from bigscale.config.schema import DataConfig
+from bigscale.config.schema import DataConfig, MixtureSource
 
 STREAM_PREFLIGHT_ROWS = 1000
 """Lines of each JSON-lines file the pre-flight reads for a streamed corpus, which may not fit
@@ -25,16 +25,8 @@ modification time and a hash of their first and last MiB, so a terabyte corpus i
 just to name its cache."""
 _EDGE = 1 << 20
 
-_OVERRIDES = (
-    "format",
-    "hub_config",
-    "split",
-    "style",
-    "text_field",
-    "prompt_field",
-    "response_field",
-    "messages_field",
-)
+# What a mixture entry may set for its own source: every MixtureSource field but these two.
+_OVERRIDES = tuple(f.name for f in fields(MixtureSource) if f.name not in ("path", "weight"))
 
 
 @dataclass(frozen=True)

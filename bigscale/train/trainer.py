@@ -30,7 +30,7 @@ from bigscale.model.load import load_model, load_tokenizer
 from bigscale.model.lora import apply_lora, save_adapter_config
 from bigscale.train import task_eval
 from bigscale.train.data_feed import DataFeed
-from bigscale.train.early_stop import EarlyStopper
+from bigscale.train.early_stop import EarlyStopper, generation_enabled
 from bigscale.train.faults import Faults
 from bigscale.train.guard import StepGuard
 from bigscale.train.metric_fn import load_metric_fn
@@ -342,9 +342,6 @@ class Trainer:
         return self.cfg.trainer.progress_bar and self.env.is_main
 
     def _task_examples(self) -> list[task_eval.Example]:
-        enabled = self.cfg.eval.exact_match
-        if enabled is None:
-            enabled = self.cfg.data.test_path is not None
-        if not enabled:
+        if not generation_enabled(self.cfg):
             return []
         return task_eval.read_examples(self.cfg.data, self.cfg.eval.max_examples)
