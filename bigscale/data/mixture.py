@@ -64,6 +64,15 @@ def mixture_sources(cfg: DataConfig) -> list[Source]:
     return out
 
 
+def validation_source(cfg: DataConfig) -> Source:
+    """``data.validation_path`` read like a source of its own (nothing held out of it)."""
+    assert cfg.validation_path is not None
+    source_cfg = replace(
+        cfg, path=cfg.validation_path, mixture=[], validation_path=None, validation_fraction=0.0
+    )
+    return Source("data.validation_path", source_cfg, 1.0)
+
+
 def probabilities(sources: Sequence[Source]) -> list[float]:
     total = sum(s.weight for s in sources)
     return [s.weight / total for s in sources]

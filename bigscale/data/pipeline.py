@@ -15,7 +15,7 @@ import functools
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +26,13 @@ from torch.utils.data import DataLoader
 from bigscale.config.schema import DataConfig
 from bigscale.data.cache import build_once, cache_root
 from bigscale.data.collate import pack_collate, pack_examples, pad_collate
-from bigscale.data.mixture import Source, files_fingerprint, interleave, mixture_sources
+from bigscale.data.mixture import (
+    Source,
+    files_fingerprint,
+    interleave,
+    mixture_sources,
+    validation_source,
+)
 from bigscale.data.sampler import ResumableDistributedSampler
 from bigscale.data.sources import is_hub, load_raw, resolve_files
 from bigscale.data.tokenize import TokenizeReport, cache_key, tokenize_split
@@ -72,7 +78,8 @@ def make_collate(cfg: DataConfig, tokenizer: Any) -> Collate:
     return functools.partial(pad_collate, pad_id=pad_id)
 
 
-def _empty() -> datasets.Dataset:
+def empty_split() -> datasets.Dataset:
+    """A split with no examples and the tokenized columns (no held-out data, say)."""
     return datasets.Dataset.from_dict({"input_ids": [], "labels": []})
 
 
@@ -102,7 +109,7 @@ class _Preparer:
         self, ds: datasets.Dataset, cfg: DataConfig, data_id: str, extra: str
     ) -> tuple[datasets.Dataset, TokenizeReport, str]:
         if len(ds) == 0:  # no held-out data: an empty split with the tokenized columns
-            return _empty(), TokenizeReport(), ""
+            return empty_split(), TokenizeReport(), ""
         key = cache_key(ds, self.tokenizer, cfg, extra=extra, data_id=data_id)
         path = self.cache / f"{key}.arrow"
         if path.is_file():
@@ -119,21 +126,24 @@ class _Preparer:
         out, report = tokenize_split(ds, self.tokenizer, cfg, str(path), key=key)
         return out, report, key
 
-    def _id(self, key: str, cfg: DataConfig, raw: datasets.Dataset) -> str:
+    def _id(self, key: str, compute: Callable[[], str]) -> str:
+        """The data id under ``key``: the builder's, when it sent them, else computed once."""
         if key not in self.ids:
-            self.ids[key] = _data_id(cfg, raw)
+            self.ids[key] = compute()
         return self.ids[key]
 
     def source(self, source: Source) -> dict[str, tuple[datasets.Dataset, TokenizeReport, str]]:
         cfg = source.cfg
         raw = load_raw(cfg, self.seed, cache_dir=self.cache / "raw")
-        data_id = self._id(source.key, cfg, raw["train"])
+        data_id = self._id(source.key, lambda: _data_id(cfg, raw["train"]))
         held_out = not cfg.validation_path and cfg.validation_fraction > 0
         split = f"{cfg.validation_fraction}@{self.seed}" if held_out else "all"
         out = {"train": self._tokenized(raw["train"], cfg, data_id, f"train|{split}")}
         if cfg.validation_path:
-            files = resolve_files(cfg.validation_path)
-            val_id = self.ids.setdefault("data.validation_path", files_fingerprint(files))
+            path = cfg.validation_path
+            val_id = self._id(
+                "data.validation_path", lambda: files_fingerprint(resolve_files(path))
+            )
             out["validation"] = self._tokenized(raw["validation"], cfg, val_id, "validation")
         else:
             out["validation"] = self._tokenized(
@@ -143,12 +153,9 @@ class _Preparer:
 
     def shared_validation(self) -> tuple[datasets.Dataset, TokenizeReport, str]:
         """A mixture's ``data.validation_path``: read like a source of its own."""
-        cfg = replace(
-            self.cfg, path=str(self.cfg.validation_path), mixture=[], validation_path=None
-        )
-        cfg = replace(cfg, validation_fraction=0.0)
+        cfg = validation_source(self.cfg).cfg
         raw = load_raw(cfg, self.seed, cache_dir=self.cache / "raw")["train"]
-        val_id = self._id("data.validation_path", cfg, raw)
+        val_id = self._id("data.validation_path", lambda: _data_id(cfg, raw))
         return self._tokenized(raw, cfg, val_id, "validation")
 
     def bundle(self) -> DataBundle:
@@ -163,7 +170,7 @@ class _Preparer:
         train = interleave([t[0] for t in trains], sources, self.seed)
         vals = [v for v in vals if len(v[0])]
         val_key = _joint_key([v[2] for v in vals], [], 0)
-        validation = datasets.concatenate_datasets([v[0] for v in vals]) if vals else _empty()
+        validation = datasets.concatenate_datasets([v[0] for v in vals]) if vals else empty_split()
         if self.cfg.packing:
             train = self._pack(train, train_key)
             validation = self._pack(validation, val_key)

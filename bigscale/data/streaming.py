@@ -28,7 +28,6 @@ import itertools
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any, Protocol
 
 import datasets
@@ -36,8 +35,8 @@ from datasets.distributed import split_dataset_by_node
 
 from bigscale.config.schema import DataConfig
 from bigscale.data.collate import _pack_batch, pack_examples
-from bigscale.data.mixture import Source, interleave, mixture_sources
-from bigscale.data.pipeline import Collate, DataBundle, add_reports, make_collate
+from bigscale.data.mixture import Source, interleave, mixture_sources, validation_source
+from bigscale.data.pipeline import Collate, DataBundle, add_reports, empty_split, make_collate
 from bigscale.data.sources import _builder_for, _local_files, check_columns, is_hub
 from bigscale.data.tokenize import (
     _KEPT,
@@ -136,8 +135,8 @@ def _validation(
     (and packed) in memory: small, the same on every rank."""
     n = cfg.validation_examples
     if cfg.validation_path:
-        val_cfg = replace(cfg, path=cfg.validation_path, mixture=[], validation_path=None)
-        raws = [(Source("data.validation_path", val_cfg, 1.0), load_stream(val_cfg, "x"))]
+        source = validation_source(cfg)
+        raws = [(source, load_stream(source.cfg, source.key))]
     parts, reports = [], []
     for source, raw in raws:
         examples = list(raw.take(n)) if n else []
@@ -148,7 +147,7 @@ def _validation(
         parts.append(tokenized)
         reports.append(report)
     if not parts:
-        return datasets.Dataset.from_dict({"input_ids": [], "labels": []}), TokenizeReport()
+        return empty_split(), TokenizeReport()
     validation = datasets.concatenate_datasets(parts)
     if cfg.packing:
         validation = pack_examples(validation, cfg.max_length)

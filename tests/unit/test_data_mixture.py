@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,21 @@ def test_streamed_mixture_resumes_exactly(sources, char_tokenizer, tmp_path) -> 
     saved = TrainState()
     saved.load_state_dict(state.state_dict())
     assert first + batches(saved, 27) == expected
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streamed"])
+def test_a_shared_validation_file_replaces_the_held_out_parts(
+    sources, char_tokenizer, tmp_path, streaming: bool
+) -> None:
+    """``data.validation_path`` beside a mixture: validation is that file alone, and every
+    example of the sources is trained on."""
+    val = write_rows(tmp_path / "val.jsonl", [{"text": f"V{i}"} for i in range(20)])
+    cfg = mixture_cfg(*sources, validation_path=str(val), streaming=streaming)
+    if streaming:
+        cfg = replace(cfg, validation_examples=8)
+    bundle = build_datasets(cfg, char_tokenizer, DistEnv(), 0, tmp_path / "cache")
+    held_out = {origin(char_tokenizer, ids) for ids in bundle.validation["input_ids"]}
+    assert held_out == {"V"}
+    assert len(bundle.validation) == (8 if streaming else 20)
+    if not streaming:
+        assert bundle.report.examples_out == 600  # nothing of A or B held out
