@@ -24,6 +24,7 @@ buckets come on top, so ``strategy=auto`` leaves a margin.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,9 @@ class MemoryEstimate:
         return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
 
 
+# Once per model and process: with strategy=auto the plan needs the shape to choose, then again
+# to print its estimate, and a sweep plans every job with the same model.
+@functools.lru_cache(maxsize=8)
 def model_shape(name_or_path: str, revision: str | None, trust_remote_code: bool) -> ModelShape:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
