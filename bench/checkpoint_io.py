@@ -52,7 +52,9 @@ def main() -> None:
             num_key_value_heads=8,
         )
     )
-    engine = ds.Engine(model, cfg, ds.build_ds_config(cfg, 1, Precision.fp32))
+    engine = ds.Engine(
+        model, cfg, ds.build_ds_config(cfg, 1, Precision.fp32), cfg.trainer.max_steps
+    )
     # One optimizer step so Adam's moments exist and are saved.
     batch = {"input_ids": torch.randint(0, 32000, (2, 64))}
     batch["labels"] = batch["input_ids"]

@@ -77,14 +77,14 @@ def _train(args: list[str]) -> int:
 def _plan(args: list[str]) -> int:
     from bigscale.config.schema import LauncherKind
     from bigscale.launch import preflight, slurm
-    from bigscale.launch.plan import render
+    from bigscale.launch.plan import render, with_data_stats
     from bigscale.launch.sweep import plan_jobs
 
     multirun, overrides = _split_multirun(args)
     for plan in plan_jobs(overrides, multirun):
         _warn(preflight.check(plan, submitting=False))
         preflight.check_data(plan.cfg)
-        print(render(plan))
+        print(render(with_data_stats(plan)))
         if plan.kind is LauncherKind.slurm:
             print(f"\n# {slurm.script_path(plan)}, as `bigscale train` writes and submits it:")
             print(slurm.render_script(plan), end="")

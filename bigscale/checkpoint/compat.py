@@ -29,7 +29,7 @@ def fingerprint(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "data.packing": cfg.data.packing,
         "data.streaming": cfg.data.streaming,
         "data.mixture": [[m.path, m.weight] for m in cfg.data.mixture],
-        GLOBAL_BATCH: t.micro_batch_size * t.grad_accum * world_size,
+        GLOBAL_BATCH: t.global_batch(world_size),
         "trainer.micro_batch_size": t.micro_batch_size,
         "trainer.grad_accum": t.grad_accum,
         "ranks": world_size,

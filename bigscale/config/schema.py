@@ -331,6 +331,11 @@ class TrainerConfig:
     loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
     """What a sudden jump of the training loss does."""
 
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step. The one place it is computed: the plan, validation,
+        the DeepSpeed config and the resume fingerprint all ask here."""
+        return self.micro_batch_size * self.grad_accum * world_size
+
 
 class StopMode(str, Enum):
     auto = "auto"  # min for eval_loss and eval_ppl, max for any other metric

@@ -25,6 +25,7 @@ DERIVED_DEEPSPEED_KEYS = {
     "fp16": "trainer.precision",
     "optimizer": "optim.*",
     "scheduler": "optim.schedule",
+    "zero_optimization.stage": "strategy.zero_stage (or strategy=zero1|zero2|zero3)",
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -103,7 +104,7 @@ def _check_trainer(cfg: TrainConfig, world_size: int) -> None:
         )
     if t.eval_every < 0:
         raise ConfigError(f"trainer.eval_every={t.eval_every} must be 0 (end only) or positive")
-    actual = t.micro_batch_size * t.grad_accum * world_size
+    actual = t.global_batch(world_size)
     if t.global_batch_size is not None and t.global_batch_size != actual:
         hint = ""
         per_rank = t.micro_batch_size * world_size
@@ -158,7 +159,14 @@ def _check_user_deepspeed_json(path: Path) -> None:
         raise ConfigError(
             f"{path}:{exc.lineno}: invalid JSON in strategy.deepspeed_config ({exc.msg})"
         ) from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"{path}: strategy.deepspeed_config must hold a JSON object")
     clashes = sorted(set(user) & set(DERIVED_DEEPSPEED_KEYS))
+    zero = user.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        # The merge is deep: the JSON's stage would replace the generated one underneath the
+        # plan, the memory estimate and the resume fingerprint, which all read strategy.*.
+        clashes.append("zero_optimization.stage")
     if clashes:
         where = "; ".join(f"{k} -> {DERIVED_DEEPSPEED_KEYS[k]}" for k in clashes)
         raise ConfigError(
@@ -173,7 +181,10 @@ def _check_optim(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.lr={o.lr} must be positive")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
-    if o.warmup_steps < 0 or o.warmup_steps >= cfg.trainer.max_steps:
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be 0 or positive")
+    # With trainer.epochs the steps come from the data: bigscale.config.derived checks them.
+    if cfg.trainer.epochs is None and o.warmup_steps >= cfg.trainer.max_steps:
         raise ConfigError(
             f"optim.warmup_steps={o.warmup_steps} must be in [0, trainer.max_steps="
             f"{cfg.trainer.max_steps})"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from bigscale.data.sampler import ResumableDistributedSampler
 from bigscale.data.sources import is_hub, load_raw, resolve_files
 from bigscale.data.tokenize import TokenizeReport, cache_key, tokenize_split
 from bigscale.dist.env import DistEnv
-from bigscale.errors import ConfigError, DataError
+from bigscale.errors import DataError
 from bigscale.logging import get_logger
 
 if TYPE_CHECKING:
@@ -226,21 +225,6 @@ def build_datasets(
     return build_once(
         env, cfg.cache_scope, cache, lambda info: _prepare(cfg, tokenizer, seed, cache, info)
     )
-
-
-def steps_for_epochs(
-    epochs: float, batches_per_epoch: int, grad_accum: int, warmup_steps: int
-) -> int:
-    """``trainer.max_steps`` for ``trainer.epochs`` passes: micro batches per rank and epoch
-    over the accumulation, as Hugging Face's ``num_train_epochs`` counts them."""
-    steps = max(1, math.ceil(epochs * batches_per_epoch / grad_accum))
-    if warmup_steps >= steps:
-        raise ConfigError(
-            f"trainer.epochs={epochs:g} makes {steps} optimizer steps, no more than "
-            f"optim.warmup_steps={warmup_steps}; lower the warmup or train longer"
-        )
-    log.info("trainer.epochs=%g: %d optimizer steps", epochs, steps)
-    return steps
 
 
 def build_loader(

@@ -78,7 +78,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_batch_size": t.global_batch(world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # A bf16 step with a non-finite gradient norm is skipped, as fp16 and fp32 ones are.
@@ -197,11 +197,13 @@ class _SkippableAdamW(torch.optim.AdamW):
 class Engine:
     """A DeepSpeed engine plus what bigscale asks of it."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any]):
+    def __init__(
+        self, model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], max_steps: int
+    ):
         self.ds_config = ds_config
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         optimizer = _build_optimizer(model, cfg)
-        schedule = lr_lambda(cfg.optim, cfg.trainer.max_steps)
+        schedule = lr_lambda(cfg.optim, max_steps)
         self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

@@ -24,11 +24,20 @@ buckets come on top, so ``strategy=auto`` leaves a margin.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
 
-from bigscale.config.schema import Precision, StrategyConfig, TrainConfig
+from bigscale.config.derived import DataStats
+from bigscale.config.schema import (
+    ALL_LINEAR,
+    FinetuneConfig,
+    FinetuneMethod,
+    Precision,
+    StrategyConfig,
+    TrainConfig,
+)
 
 GIB = 1024**3
 
@@ -46,6 +55,11 @@ class ModelShape:
     vocab: int
     trainable: int | None = None
     """Parameters with gradients and optimizer state; ``None``: all of them."""
+    adaptable: tuple[tuple[str, int, int, bool], ...] = ()
+    """Modules LoRA can adapt (linear layers and embeddings): qualified name, input and output
+    width, and whether ``all-linear`` takes it (a linear layer other than the LM head)."""
+    module_params: tuple[tuple[str, int], ...] = ()
+    """Each module's own parameters (not its children's), for ``finetune.modules_to_save``."""
 
     @classmethod
     def from_config(cls, config: Any, params: int) -> ModelShape:
@@ -70,6 +84,8 @@ class MemoryEstimate:
     grads_gib: float
     optimizer_gib: float
     activations_gib: float = 0.0
+    trainable: int = 0
+    """Parameters with gradients and optimizer state."""
 
     @property
     def total_gib(self) -> float:
@@ -80,15 +96,74 @@ class MemoryEstimate:
 # to print its estimate, and a sweep plans every job with the same model.
 @functools.lru_cache(maxsize=8)
 def model_shape(name_or_path: str, revision: str | None, trust_remote_code: bool) -> ModelShape:
-    from accelerate import init_empty_weights
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code
     )
-    with init_empty_weights():
+    # The meta device, not accelerate's init_empty_weights: that one re-creates every parameter
+    # as it is registered, which unties tied embeddings and counts them twice.
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return ModelShape.from_config(config, sum(p.numel() for p in model.parameters()))
+    shape = ModelShape.from_config(config, sum(p.numel() for p in model.parameters()))
+    return dataclasses.replace(shape, **_modules(model))
+
+
+def _modules(model: Any) -> dict[str, Any]:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    adaptable: list[tuple[str, int, int, bool]] = []
+    own: list[tuple[str, int]] = []
+    for name, module in model.named_modules():
+        n = sum(p.numel() for p in module.parameters(recurse=False))
+        if n:
+            own.append((name, n))
+        if isinstance(module, torch.nn.Linear):
+            adaptable.append((name, module.in_features, module.out_features, module is not head))
+        elif isinstance(module, Conv1D):  # GPT-2's linear layers: weight is (in, out)
+            fan_in, fan_out = module.weight.shape
+            adaptable.append((name, int(fan_in), int(fan_out), module is not head))
+        elif isinstance(module, torch.nn.Embedding):
+            adaptable.append((name, module.num_embeddings, module.embedding_dim, False))
+    return {"adaptable": tuple(adaptable), "module_params": tuple(own)}
+
+
+def _matches(module_name: str, target: str) -> bool:
+    # peft's rule for a list of targets (as bigscale.model.lora applies it): the whole name, or
+    # its last dotted components.
+    return module_name == target or module_name.endswith(f".{target}")
+
+
+def finetuned(shape: ModelShape, f: FinetuneConfig) -> ModelShape:
+    """The shape as trained: with LoRA, the adapters and the trained copies of
+    ``finetune.modules_to_save`` are added and are all that is trainable; full fine-tuning
+    trains everything."""
+    if f.method != FinetuneMethod.lora:
+        return shape
+    # peft wraps every module whose name ends with an entry (no dot needed) in a trained copy.
+    named = {name for name, _ in shape.module_params} | {a[0] for a in shape.adaptable}
+    roots = sorted(n for n in named if any(n.endswith(m) for m in f.modules_to_save))
+
+    def saved(name: str) -> bool:
+        return any(name == root or name.startswith(f"{root}.") for root in roots)
+
+    copies = sum(n for name, n in shape.module_params if saved(name))
+    targets = list(f.target_modules)
+    if targets == [ALL_LINEAR]:
+        linear = (name.rsplit(".", 1)[-1] for name, _, _, lin in shape.adaptable if lin)
+        targets = list(dict.fromkeys(linear))
+    # lora_A maps the input width to r, lora_B r to the output width; no biases. peft adds no
+    # adapter inside a module it trains whole.
+    adapters = sum(
+        f.r * (fan_in + fan_out)
+        for name, fan_in, fan_out, _ in shape.adaptable
+        if any(_matches(name, t) for t in targets) and not saved(name)
+    )
+    trainable = adapters + copies
+    return dataclasses.replace(shape, params=shape.params + trainable, trainable=trainable)
 
 
 @dataclass(frozen=True)
@@ -102,16 +177,25 @@ class Workload:
     """With ``checkpointing``, only every N-th decoder layer is recomputed."""
     loss_chunk_tokens: int = 0
     """0: full logits around the loss; N: the chunked loss, N tokens of logits at a time."""
+    seq_from: str = "data.max_length"
+    """Where ``seq_len`` comes from, for the plan."""
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> Workload:
+    def from_config(cls, cfg: TrainConfig, data: DataStats | None = None) -> Workload:
+        """A micro batch of ``data.max_length`` tokens, or, when the tokenized data is known
+        and not packed (packed rows are padded to ``data.max_length``), of its longest example:
+        the batch that sets the peak, since a micro batch is padded to its longest row."""
         m = cfg.model
+        seq_len, source = cfg.data.max_length, "data.max_length"
+        if data is not None and not data.packed and data.longest:
+            seq_len, source = min(data.longest, seq_len), "longest tokenized example"
         return cls(
             micro_batch=cfg.trainer.micro_batch_size,
-            seq_len=cfg.data.max_length,
+            seq_len=seq_len,
             checkpointing=m.gradient_checkpointing,
             checkpoint_every=m.checkpoint_every,
             loss_chunk_tokens=m.loss_chunk_tokens,
+            seq_from=source,
         )
 
 
@@ -172,7 +256,9 @@ def estimate(
     if strategy.offload_params:
         weights = 0.0
     acts = activations(shape, work, precision).peak if work else 0.0
-    return MemoryEstimate(shape.params, weights / GIB, grads / GIB, optim / GIB, acts / GIB)
+    return MemoryEstimate(
+        shape.params, weights / GIB, grads / GIB, optim / GIB, acts / GIB, trainable
+    )
 
 
 def saved_activation_bytes(model: Any, **inputs: Any) -> int:

@@ -8,15 +8,23 @@ from __future__ import annotations
 import re
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bigscale.config.derived import DataStats, RunShape, derive
 from bigscale.config.redact import redact_text
 from bigscale.config.schema import LauncherKind, Precision, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision, validate
 from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
-from bigscale.launch.memory import MemoryEstimate, ModelShape, Workload, estimate, model_shape
+from bigscale.launch.memory import (
+    MemoryEstimate,
+    ModelShape,
+    Workload,
+    estimate,
+    finetuned,
+    model_shape,
+)
 from bigscale.launch.node import multinode_command
 from bigscale.launch.topology import Topology, node_hardware, resolve_topology
 from bigscale.train.rundir import default_run_dir
@@ -42,6 +50,8 @@ class Plan:
     precision: Precision
     hardware: Hardware
     """The hardware of the nodes that run the ranks (as requested, for a Slurm job)."""
+    shape: RunShape
+    """Global batch and steps, derived as every rank derives them."""
     strategy_reason: str = ""
     """Why ``strategy=auto`` chose the strategy it did (empty for a named strategy)."""
 
@@ -60,8 +70,7 @@ class Plan:
 
     @property
     def global_batch(self) -> int:
-        t = self.cfg.trainer
-        return t.micro_batch_size * t.grad_accum * self.world_size
+        return self.shape.global_batch
 
     @property
     def rank_overrides(self) -> list[str]:
@@ -122,6 +131,9 @@ def make_plan(cfg: TrainConfig, overrides: list[str], hw: Hardware | None = None
         )
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     cfg.run_dir = str(run_dir.resolve())
+    # trainer.epochs needs the data's length: tokenized here as the ranks will (they find it
+    # in the tokenization cache), so the steps planned are the steps run.
+    data = data_stats(cfg, run_dir.resolve()) if cfg.trainer.epochs is not None else None
     return Plan(
         cfg=cfg,
         overrides=list(overrides),
@@ -129,8 +141,38 @@ def make_plan(cfg: TrainConfig, overrides: list[str], hw: Hardware | None = None
         topology=topology,
         precision=resolve_precision(cfg.trainer.precision, hw),
         hardware=hw,
+        shape=derive(cfg, topology.world_size, data),
         strategy_reason=reason,
     )
+
+
+def data_stats(cfg: TrainConfig, run_dir: Path) -> DataStats | None:
+    """The training split's counts, from the same tokenization (and cache) as the ranks'; None
+    for a stream, which has no length."""
+    if cfg.data.streaming:
+        return None
+    from bigscale.data.chat import set_chat_template
+    from bigscale.data.pipeline import build_datasets
+    from bigscale.dist.env import DistEnv
+    from bigscale.model.load import load_tokenizer
+    from bigscale.train.assets import prepare_assets
+    from bigscale.train.data_feed import cache_dir
+
+    prepare_assets(cfg)  # the default job's data and tiny model, as `bigscale train` writes them
+    tokenizer = load_tokenizer(cfg.model)
+    set_chat_template(tokenizer, cfg.data)
+    bundle = build_datasets(
+        cfg.data, tokenizer, DistEnv(), cfg.trainer.seed, cache_dir(cfg, run_dir)
+    )
+    return DataStats.of(bundle.train, bundle.packed)
+
+
+def with_data_stats(plan: Plan) -> Plan:
+    """The plan with the training data measured (``bigscale plan`` sizes activations by it)."""
+    if plan.shape.data is not None or plan.cfg.data.streaming:
+        return plan
+    data = data_stats(plan.cfg, plan.run_dir)
+    return replace(plan, shape=derive(plan.cfg, plan.world_size, data))
 
 
 def _resolve_auto_strategy(
@@ -149,7 +191,9 @@ def _resolve_auto_strategy(
     m = cfg.model
     ensure_model_files(m)  # the tiny model is created on first use; its config is needed now
     try:
-        shape = model_shape(m.name_or_path, m.revision, m.trust_remote_code)
+        shape = finetuned(
+            model_shape(m.name_or_path, m.revision, m.trust_remote_code), cfg.finetune
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"strategy=auto needs the config of model.name_or_path={m.name_or_path!r} to "
@@ -165,7 +209,7 @@ def _resolve_auto_strategy(
     return compose_config(overrides), overrides, reason
 
 
-def memory_estimate(plan: Plan) -> MemoryEstimate | str:
+def memory_estimate(plan: Plan) -> tuple[MemoryEstimate, Workload] | str:
     c = plan.cfg
     m = c.model
     try:
@@ -174,7 +218,28 @@ def memory_estimate(plan: Plan) -> MemoryEstimate | str:
         if m.create_if_missing is not None:
             return "model is created on first use"
         return f"unknown (model config not readable: {str(exc).splitlines()[0]})"
-    return estimate(shape, c.strategy, plan.precision, plan.world_size, Workload.from_config(c))
+    work = Workload.from_config(c, plan.shape.data)
+    shape = finetuned(shape, c.finetune)
+    return estimate(shape, c.strategy, plan.precision, plan.world_size, work), work
+
+
+def resume_choice(cfg: TrainConfig, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint the ranks will resume from and the newer ones they will skip as damaged,
+    by the resume rule itself (``CheckpointManager``: newest complete checkpoint whose manifest
+    verifies). A stand-in until the checkpoint module offers one selection function for both."""
+    from bigscale.checkpoint.manager import CheckpointManager
+    from bigscale.dist.env import DistEnv
+
+    manager = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, DistEnv())
+    if cfg.resume != "auto":
+        return manager.resume_point(cfg.resume), []
+    damaged: list[str] = []
+    for tag in reversed(manager.complete_tags()):
+        problem = manager.verify(tag)
+        if problem is None:
+            return manager.root / tag, damaged
+        damaged.append(f"{tag} is damaged: {problem.message}")
+    return None, damaged
 
 
 def render(plan: Plan, with_memory: bool = True) -> str:
@@ -196,31 +261,44 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"batch           {t.micro_batch_size} micro x {t.grad_accum} accum x "
         f"{plan.world_size} ranks = {plan.global_batch} sequences/step, at most "
         f"{plan.global_batch * c.data.max_length:,} tokens/step",
-        f"steps           {t.max_steps} (lr {c.optim.lr:g}, {c.optim.schedule.value}, "
-        f"warmup {c.optim.warmup_steps})",
+        f"steps           {plan.shape.steps_text()}",
+        f"schedule        lr {c.optim.lr:g}, {c.optim.schedule.value}, warmup "
+        f"{c.optim.warmup_steps} of {plan.shape.max_steps} steps",
         f"speed           {_speed_summary(c)}",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
     if plan.kind is LauncherKind.slurm:
         lines.append(f"slurm           {_slurm_summary(plan)}")
-    latest = plan.run_dir / "checkpoints" / "latest"
-    if c.resume == "auto" and latest.is_file():
-        lines.append(f"resume          from {latest.read_text().strip()} (resume=auto)")
-    elif c.resume not in ("auto", "never"):
-        lines.append(f"resume          from {c.resume}")
+    lines += _resume_lines(plan)
     if with_memory:
         mem = memory_estimate(plan)
-        if isinstance(mem, MemoryEstimate):
+        if isinstance(mem, tuple):
+            est, work = mem
+            lines.append(f"parameters      {est.params:,} ({est.trainable:,} trainable)")
             lines.append(
-                f"memory/GPU      {mem.total_gib:.2f} GiB estimated for {mem.params / 1e6:.1f}M "
-                f"params: weights {mem.weights_gib:.2f}, grads {mem.grads_gib:.2f}, optimizer "
-                f"{mem.optimizer_gib:.2f}, activations {mem.activations_gib:.2f} "
-                f"({c.trainer.micro_batch_size} x {c.data.max_length} tokens per micro batch)"
+                f"memory/GPU      {est.total_gib:.2f} GiB estimated for {est.params / 1e6:.1f}M "
+                f"params: weights {est.weights_gib:.2f}, grads {est.grads_gib:.2f}, optimizer "
+                f"{est.optimizer_gib:.2f}, activations {est.activations_gib:.2f} "
+                f"({work.micro_batch} x {work.seq_len} tokens: {work.seq_from})"
             )
         else:
             lines.append(f"memory/GPU      {mem}")
     lines.append(f"command         {redact_text(shlex.join(plan.command()))}")
     return "\n".join(lines)
+
+
+def _resume_lines(plan: Plan) -> list[str]:
+    c = plan.cfg
+    # resume=never refuses here a run directory that holds checkpoints, as the ranks would.
+    point, damaged = resume_choice(c, plan.run_dir)
+    if point is not None:
+        where = point.name if c.resume == "auto" else str(point)
+        lines = [f"resume          from {where} (resume={c.resume})"]
+    elif damaged:
+        lines = ["resume          none: no checkpoint verifies, training starts at step 0"]
+    else:
+        return []
+    return lines + [f"                skipped: newer {text}" for text in damaged]
 
 
 def _speed_summary(c: TrainConfig) -> str:

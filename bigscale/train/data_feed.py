@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from bigscale.config.derived import DataStats
 from bigscale.config.schema import TrainConfig
-from bigscale.data.pipeline import build_datasets, build_loader, steps_for_epochs
+from bigscale.data.pipeline import build_datasets, build_loader
 from bigscale.dist.env import DistEnv
 from bigscale.logging import get_logger
 from bigscale.train.state import TrainState
@@ -28,7 +29,7 @@ class DataFeed:
     ):
         self.cfg, self.env = cfg, env
         t = cfg.trainer
-        self.data = build_datasets(cfg.data, tokenizer, env, t.seed, _cache_dir(cfg, run_dir))
+        self.data = build_datasets(cfg.data, tokenizer, env, t.seed, cache_dir(cfg, run_dir))
         self.stream = self.data.stream
         """With ``data.streaming``, the stream that yields the training batches; else None."""
         self._log_report()
@@ -52,13 +53,13 @@ class DataFeed:
             shuffle=False,
         )[0]
 
-    def steps_for_epochs(self) -> int:
-        """``trainer.epochs`` as optimizer steps (the lr schedule needs them before the engine)."""
-        t = self.cfg.trainer
-        assert t.epochs is not None
-        return steps_for_epochs(
-            t.epochs, len(self.train_loader), t.grad_accum, self.cfg.optim.warmup_steps
-        )
+    @property
+    def stats(self) -> DataStats | None:
+        """The training split's counts (None for a stream), which the run's shape is derived
+        from exactly as the launcher's plan derived it."""
+        if self.data.train is None:
+            return None
+        return DataStats.of(self.data.train, self.data.packed)
 
     def batches(self, position: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """Micro batches forever, from ``position``, which they keep up to date."""
@@ -107,7 +108,8 @@ class DataFeed:
         )
 
 
-def _cache_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+def cache_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+    """The tokenization cache; the launcher's plan fills the same one the ranks read."""
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir)
     # Next to the run directories of the experiment, so later runs reuse the tokenization.

@@ -16,6 +16,7 @@ from bigscale.checkpoint.compat import changes, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
+from bigscale.config.derived import derive
 from bigscale.config.schema import FinetuneMethod, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
@@ -57,8 +58,9 @@ class Trainer:
         set_chat_template(self.tokenizer, cfg.data)  # before tokenizing: cache keys hash it
         # Data before the model: a broken dataset should fail before minutes of model loading.
         self.data = DataFeed(cfg, env, self.tokenizer, run_dir)
-        if cfg.trainer.epochs is not None:  # before the engine: the lr schedule needs it
-            cfg.trainer.max_steps = self.data.steps_for_epochs()
+        # Derived as the launcher's plan derived it; before the engine: the lr schedule needs it.
+        self.shape = derive(cfg, env.world_size, self.data.stats)
+        log.info("steps %s", self.shape.steps_text())
 
         ds_config = ds.build_ds_config(cfg, env.world_size, self.precision)
         with ds.partitioned_model_init(ds_config):
@@ -74,7 +76,7 @@ class Trainer:
             model = apply_lora(
                 model, cfg.finetune, cfg.trainer.seed, cfg.model.gradient_checkpointing
             )
-        self.engine = ds.Engine(model, cfg, ds_config)
+        self.engine = ds.Engine(model, cfg, ds_config, self.shape.max_steps)
         total, local = self.engine.parameter_counts()
         log.info("model: %s parameters, %s stored on rank 0", f"{total:,}", f"{local:,}")
         self.mfu, mfu_note = mfu_formula(self.engine.module.config, total, cfg.trainer.peak_tflops)
@@ -153,14 +155,14 @@ class Trainer:
 
     def train_loop(self) -> None:
         """Steps until ``max_steps``, logging, evaluating and checkpointing on their cadence."""
-        t = self.cfg.trainer
-        bar = ProgressBar(t.max_steps, self.step, self._show_progress())
+        t, max_steps = self.cfg.trainer, self.shape.max_steps
+        bar = ProgressBar(max_steps, self.step, self._show_progress())
         batches = self.data.batches(self.state)
         self.window = Window()  # not counting the evaluation before training
-        while self.step < t.max_steps and self.early_stop.stopped_at is None:
+        while self.step < max_steps and self.early_stop.stopped_at is None:
             stats = self.train_step(batches)
             row = None
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self.step % t.log_every == 0 or self.step == max_steps:
                 row = self._train_row(stats)
                 self.metrics.log(row)
                 self.window = Window()
@@ -331,7 +333,7 @@ class Trainer:
 
     def _eval_due(self) -> bool:
         every = self.cfg.trainer.eval_every
-        return every > 0 and self.step % every == 0 and self.step < self.cfg.trainer.max_steps
+        return every > 0 and self.step % every == 0 and self.step < self.shape.max_steps
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized() and self.env.world_size > 1:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from bigscale.config.schema import DataConfig, DataStyle, MixtureSource
-from bigscale.data.pipeline import build_datasets, steps_for_epochs
+from bigscale.data.pipeline import build_datasets
 from bigscale.data.sources import preflight
 from bigscale.dist.env import DistEnv
-from bigscale.errors import ConfigError, DataError
+from bigscale.errors import DataError
 from bigscale.train.state import TrainState
 
 
@@ -109,13 +109,6 @@ def test_cache_is_named_by_content_not_path(sources, char_tokenizer, tmp_path) -
         fh.write(json.dumps({"text": "one more"}) + "\n")
     build_datasets(DataConfig(path=str(copy)), char_tokenizer, DistEnv(), 0, cache)
     assert tokenized_files() > first  # changed content: a new one
-
-
-def test_epochs_give_max_steps() -> None:
-    assert steps_for_epochs(1.0, 10, 2, 0) == 5
-    assert steps_for_epochs(2.5, 10, 4, 0) == 7  # ceil(25 / 4)
-    with pytest.raises(ConfigError, match="optim.warmup_steps=5"):
-        steps_for_epochs(1.0, 10, 2, 5)
 
 
 def test_streamed_mixture_resumes_exactly(sources, char_tokenizer, tmp_path) -> None:

@@ -1,0 +1,109 @@
+"""Values derived from the config, computed in one place that the launcher and the ranks share.
+
+``bigscale plan`` prints a ``RunShape``; every rank builds the same one from the same inputs (the
+config, the world size and the tokenized training data, which the launcher leaves in the
+tokenization cache for the ranks to reuse) and trains by it. Nothing here is written back into
+the config: ``trainer.max_steps`` stays what the user set, and with ``trainer.epochs`` the steps
+the run takes are ``RunShape.max_steps``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from bigscale.config.schema import TrainConfig
+from bigscale.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What the tokenized training split tells about the run's shape."""
+
+    rows: int
+    """Rows the sampler draws from: examples, or packed rows with ``data.packing``."""
+    longest: int
+    """Tokens in the longest row (with packing, rows are padded to ``data.max_length``)."""
+    packed: bool
+
+    @classmethod
+    def of(cls, train: Any, packed: bool) -> DataStats:
+        """From a tokenized ``datasets.Dataset``. The longest row is read from the arrow table
+        behind it, without decoding a row: an upper bound when an index mapping (a mixture's
+        interleave) selects only some of the table's rows, exact otherwise."""
+        import pyarrow.compute as pc
+
+        rows = len(train)
+        longest = 0
+        if rows:
+            lengths = pc.list_value_length(train.data.column("input_ids"))
+            longest = int(pc.max(lengths).as_py() or 0)
+        return cls(rows=rows, longest=longest, packed=packed)
+
+    @property
+    def unit(self) -> str:
+        return "packed rows" if self.packed else "examples"
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """How many sequences a step takes and how many steps the run has."""
+
+    world_size: int
+    global_batch: int
+    """Sequences per optimizer step (``TrainerConfig.global_batch``)."""
+    max_steps: int
+    steps_from: str
+    """Where ``max_steps`` comes from, for the plan and the rank's log."""
+    data: DataStats | None = None
+    """The training data's counts; None when not known (a stream, or a plan that did not
+    tokenize because nothing needed it)."""
+
+    def steps_text(self) -> str:
+        """``37 (from trainer.epochs=2: ...)``: the same words in the plan and a rank's log."""
+        return f"{self.max_steps} ({self.steps_from})"
+
+
+def derive(cfg: TrainConfig, world_size: int, data: DataStats | None) -> RunShape:
+    """The run's shape; with ``trainer.epochs`` the data's counts are required and
+    ``optim.warmup_steps`` is checked against the steps they make."""
+    t = cfg.trainer
+    batch = t.global_batch(world_size)
+    if t.epochs is None:
+        return RunShape(world_size, batch, t.max_steps, "trainer.max_steps", data)
+    if data is None:
+        raise ValueError("trainer.epochs needs the training data's counts")
+    steps, per_rank, batches = epoch_steps(
+        t.epochs, data.rows, world_size, t.micro_batch_size, t.grad_accum
+    )
+    warmup = cfg.optim.warmup_steps
+    if warmup >= steps:
+        raise ConfigError(
+            f"trainer.epochs={t.epochs:g} makes {steps} optimizer steps ({data.rows} "
+            f"{data.unit}, {batch} per step), no more than "
+            f"optim.warmup_steps={warmup}; lower optim.warmup_steps or raise trainer.epochs"
+        )
+    reason = (
+        f"from trainer.epochs={t.epochs:g}: {data.rows} {data.unit} / {batch} per step; "
+        f"{per_rank} per rank and epoch in {batches} "
+        f"micro batches, {t.grad_accum} per step"
+    )
+    return RunShape(world_size, batch, steps, reason, data)
+
+
+def epoch_steps(
+    epochs: float, rows: int, world_size: int, micro_batch_size: int, grad_accum: int
+) -> tuple[int, int, int]:
+    """(optimizer steps, rows per rank and epoch, micro batches per rank and epoch) for
+    ``epochs`` passes, counted as the sampler and loader take the data: each rank gets
+    ``rows // world_size`` rows (the tail is dropped so all ranks take the same count), in
+    micro batches of ``micro_batch_size`` (the last one possibly short); a step accumulates
+    ``grad_accum`` of them, as Hugging Face's ``num_train_epochs`` counts."""
+    per_rank = rows // world_size
+    if rows and not per_rank:
+        raise DataError(
+            f"the dataset has {rows} rows, fewer than the {world_size} data-parallel ranks; "
+            "add data or use fewer ranks."
+        )
+    batches = -(-per_rank // micro_batch_size)
+    return max(1, math.ceil(epochs * batches / grad_accum)), per_rank, batches
