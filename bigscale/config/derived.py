@@ -84,9 +84,9 @@ def derive(cfg: TrainConfig, world_size: int, data: DataStats | None) -> RunShap
             f"optim.warmup_steps={warmup}; lower optim.warmup_steps or raise trainer.epochs"
         )
     reason = (
-        f"from trainer.epochs={t.epochs:g}: {data.rows} {data.unit} / {batch} per step; "
-        f"{per_rank} per rank and epoch in {batches} "
-        f"micro batches, {t.grad_accum} per step"
+        f"from trainer.epochs={t.epochs:g}: {data.rows} {data.unit} / {world_size} ranks = "
+        f"{per_rank} per rank = {batches} micro batches of {t.micro_batch_size}, "
+        f"{t.grad_accum} per step"
     )
     return RunShape(world_size, batch, steps, reason, data)
 

@@ -22,7 +22,7 @@ from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
-from bigscale.errors import CheckpointError
+from bigscale.errors import CheckpointError, DataError
 from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.metrics.throughput import Window, mfu_formula, sync
@@ -60,9 +60,12 @@ class Trainer:
         self.data = DataFeed(cfg, env, self.tokenizer, run_dir)
         # Derived as the launcher's plan derived it; before the engine: the lr schedule needs it.
         self.shape = derive(cfg, env.world_size, self.data.stats)
+        self._check_ranks_agree_on_steps()
         log.info("steps %s", self.shape.steps_text())
 
         ds_config = ds.build_ds_config(cfg, env.world_size, self.precision)
+        if env.is_main:  # what DeepSpeed is given, user JSON merged in: to compare with the plan
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
         with ds.partitioned_model_init(ds_config):
             model = load_model(cfg.model, self.precision, self.tokenizer)
         if cfg.data.packing and not separates_packed_documents(model):
@@ -334,6 +337,21 @@ class Trainer:
     def _eval_due(self) -> bool:
         every = self.cfg.trainer.eval_every
         return every > 0 and self.step % every == 0 and self.step < self.shape.max_steps
+
+    def _check_ranks_agree_on_steps(self) -> None:
+        """Ranks that derived different step counts would stop at different steps and leave the
+        others waiting in a collective: every rank fails instead (same answer on all)."""
+        if not (dist.is_initialized() and self.env.world_size > 1):
+            return
+        steps = self.shape.max_steps
+        bounds = torch.tensor([steps, -steps], dtype=torch.float64)
+        dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+        if int(bounds[0]) != -int(bounds[1]):
+            raise DataError(
+                f"the ranks derived from {-int(bounds[1])} to {int(bounds[0])} optimizer steps "
+                f"from trainer.epochs: their tokenized training data differs. Is "
+                f"data.cache_dir on a filesystem every node mounts (or data.cache_scope=node)?"
+            )
 
     def _all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized() and self.env.world_size > 1:
