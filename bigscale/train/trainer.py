@@ -344,7 +344,9 @@ class Trainer:
         if not (dist.is_initialized() and self.env.world_size > 1):
             return
         steps = self.shape.max_steps
-        bounds = torch.tensor([steps, -steps], dtype=torch.float64)
+        # NCCL reduces only device tensors; the engine that knows the device comes later.
+        device = f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu"
+        bounds = torch.tensor([steps, -steps], dtype=torch.float64, device=device)
         dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
         if int(bounds[0]) != -int(bounds[1]):
             raise DataError(

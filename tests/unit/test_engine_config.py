@@ -9,7 +9,9 @@ import pytest
 
 from bigscale.config.compose import compose_config
 from bigscale.config.schema import Precision
+from bigscale.config.validate import Hardware, validate
 from bigscale.dist.engine import build_ds_config, lr_lambda
+from bigscale.errors import ConfigError
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3", "zero3_offload"])
@@ -65,3 +67,20 @@ def test_schedules() -> None:
     assert linear(32.5) == pytest.approx(0.1 + 0.9 * 0.75)
     constant = lr_lambda(compose_config([*base, "optim.schedule=constant"]).optim, 100)
     assert constant(90) == pytest.approx(1.0)
+
+
+def test_user_json_may_not_set_the_zero_stage(tmp_path: Path) -> None:
+    """The merge is deep, so the JSON's stage would silently replace strategy.zero_stage, which
+    the plan, the memory estimate and the resume fingerprint read."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "allgather_bucket_size": 9}}))
+    cfg = compose_config(["strategy=zero2", f"strategy.deepspeed_config={path}"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, 2, Hardware())
+    assert str(path) in str(err.value)
+    assert "zero_optimization.stage -> strategy.zero_stage" in str(err.value)
+    path.write_text(json.dumps({"zero_optimization": {"allgather_bucket_size": 9}}))
+    validate(cfg, 2, Hardware())  # every other zero_optimization knob stays the user's
+    assert (
+        build_ds_config(cfg, 2, Precision.fp32)["zero_optimization"]["allgather_bucket_size"] == 9
+    )

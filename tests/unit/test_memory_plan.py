@@ -13,7 +13,7 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bigscale.config.compose import compose_config
-from bigscale.config.schema import Precision
+from bigscale.config.schema import FinetuneConfig, FinetuneMethod, Precision
 from bigscale.config.validate import Hardware, validate
 from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
@@ -22,11 +22,14 @@ from bigscale.launch.memory import (
     Workload,
     activations,
     estimate,
+    finetuned,
+    model_shape,
     saved_activation_bytes,
 )
-from bigscale.launch.plan import make_plan, render
+from bigscale.launch.plan import make_plan, memory_estimate, render
 from bigscale.model.chunked_loss import install_chunked_loss
 from bigscale.model.load import select_checkpointed_layers
+from bigscale.model.lora import apply_lora
 from bigscale.model.shapes import LLAMA_3_2_1B, LLAMA_3_2_1B_PARAMS
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -141,3 +144,70 @@ def test_plan_replaces_auto_with_the_choice_for_the_ranks(
 def test_a_rank_never_runs_strategy_auto() -> None:
     with pytest.raises(ConfigError, match="strategy=auto is chosen by `bigscale train`"):
         validate(compose_config(["strategy=auto"]), 2, Hardware())
+
+
+# -- parameter counts --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_parameters_are_counted_as_the_model_has_them(tmp_path: Path, tied: bool) -> None:
+    """A tied embedding is one tensor: SmolLM2-135M was planned as 162.8M for its 134.5M."""
+    config = llama_config(tie_word_embeddings=tied)
+    config.save_pretrained(tmp_path)
+    real = LlamaForCausalLM(config)
+    assert model_shape(str(tmp_path), None, False).params == sum(
+        p.numel() for p in real.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    "finetune",
+    [
+        FinetuneConfig(method=FinetuneMethod.lora, r=8),
+        FinetuneConfig(method=FinetuneMethod.lora, r=4, target_modules=["q_proj", "v_proj"]),
+        FinetuneConfig(method=FinetuneMethod.lora, r=2, target_modules=["self_attn.o_proj"]),
+        FinetuneConfig(
+            method=FinetuneMethod.lora, r=4, target_modules=["down_proj"], modules_to_save=["norm"]
+        ),
+        FinetuneConfig(method=FinetuneMethod.lora, r=4, modules_to_save=["lm_head"]),
+    ],
+    ids=["all-linear", "q-v", "dotted", "saved-norms", "saved-head"],
+)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_lora_trainable_count_is_peft_s(
+    tmp_path: Path, finetune: FinetuneConfig, tied: bool
+) -> None:
+    config = llama_config(tie_word_embeddings=tied)
+    config.save_pretrained(tmp_path)
+    model = apply_lora(LlamaForCausalLM(config), finetune, seed=0, gradient_checkpointing=False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    shape = finetuned(model_shape(str(tmp_path), None, False), finetune)
+    assert (shape.trainable, shape.params) == (trainable, total)
+    full = estimate(shape, auto_strategy.CANDIDATES["zero1"], Precision.bf16, 1)
+    assert full.trainable == trainable
+    assert full.grads_gib == pytest.approx(trainable * 2 / 1024**3)  # grads for adapters only
+
+
+def test_lora_plans_and_auto_price_only_the_adapters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    llama_config().save_pretrained(tmp_path / "llama")
+    model = [f"model.name_or_path={tmp_path / 'llama'}", "model.create_if_missing=null"]
+    lora = ["finetune=lora", "finetune.r=2"]
+    gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
+    plans = {
+        name: make_plan(compose_config([*model, *extra]), [*model, *extra], hw=gpus)
+        for name, extra in (("full", []), ("lora", lora))
+    }
+    mems = {name: memory_estimate(plan)[0] for name, plan in plans.items()}  # type: ignore[index]
+    assert mems["lora"].trainable < mems["full"].trainable / 50
+    assert mems["lora"].optimizer_gib < mems["full"].optimizer_gib / 50
+    assert f"({mems['lora'].trainable:,} trainable)" in render(plans["lora"])
+    shape = model_shape(str(tmp_path / "llama"), None, False)
+    cfg = plans["lora"].cfg
+    _, auto = auto_strategy.choose(cfg, finetuned(shape, cfg.finetune), Precision.bf16, 8, 80.0)
+    same = auto[cfg.strategy.name]  # the plan's own strategy, priced by strategy=auto
+    assert same.total_gib == pytest.approx(mems["lora"].total_gib)
