@@ -52,7 +52,9 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(
 
     proc = resume(run, bigscale_home)
     assert proc.returncode == 0, explain(proc)
-    assert "resume          from step_00000024 (resume=auto)" in proc.stdout  # the plan
+    # The plan names the checkpoint resume uses, not the damaged one `latest` points at.
+    assert "resume          from step_00000016 (resume=auto)" in proc.stdout
+    assert "skipped: newer step_00000024 is damaged" in proc.stdout
     assert "step_00000024 is damaged" in proc.stderr and shard.name in proc.stderr
     assert "resumed from" in proc.stderr and "step_00000016 at step 16" in proc.stderr
 

@@ -28,10 +28,8 @@ def test_epochs_count_micro_batches_per_rank_as_the_loader_does() -> None:
 
 
 def test_derived_steps_leave_the_config_alone_and_say_where_they_come_from() -> None:
-    cfg = compose_config(
-        ["trainer.epochs=2", "trainer.micro_batch_size=8", "trainer.max_steps=7"]
-        + ["optim.warmup_steps=0"]
-    )
+    epochs = ["trainer.epochs=2", "trainer.micro_batch_size=8", "optim.warmup_steps=0"]
+    cfg = compose_config([*epochs, "trainer.max_steps=7"])
     shape = derive(cfg, 2, DataStats(rows=150, longest=40, packed=True))
     assert shape.max_steps == 20 and shape.global_batch == 16
     assert shape.steps_text() == (
@@ -44,10 +42,8 @@ def test_derived_steps_leave_the_config_alone_and_say_where_they_come_from() -> 
 
 
 def test_warmup_is_checked_against_the_derived_steps() -> None:
-    cfg = compose_config(
-        ["trainer.epochs=1", "optim.warmup_steps=50", "trainer.max_steps=1000"]
-        + ["trainer.micro_batch_size=8"]
-    )
+    epochs = ["trainer.epochs=1", "optim.warmup_steps=50", "trainer.micro_batch_size=8"]
+    cfg = compose_config([*epochs, "trainer.max_steps=1000"])
     validate(cfg, 2, Hardware())  # trainer.max_steps is not what runs: nothing to check yet
     with pytest.raises(ConfigError, match=r"makes 10 optimizer steps .* optim.warmup_steps=50"):
         derive(cfg, 2, DataStats(rows=160, longest=16, packed=False))

@@ -4,15 +4,19 @@ paths exist. Each bad input is one ConfigError naming the key and the fix."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 from pathlib import Path
 
 import pytest
 
+from bigscale.checkpoint.manager import CheckpointManager
 from bigscale.cli import main as cli_main
 from bigscale.config.compose import compose_config
 from bigscale.config.validate import Hardware
-from bigscale.errors import ConfigError, DataError
+from bigscale.dist.env import DistEnv
+from bigscale.errors import CheckpointError, ConfigError, DataError
 from bigscale.launch import preflight
 from bigscale.launch.node import node_script
 from bigscale.launch.plan import Plan, make_plan, render
@@ -260,3 +264,48 @@ def test_plan_refuses_a_missing_model_directory(capsys: pytest.CaptureFixture[st
 def test_the_plan_shows_the_speed_switches(overrides: list[str], line: str) -> None:
     rendered = render(plan_for(overrides), with_memory=False)
     assert f"speed           {line}" in rendered.splitlines()
+
+
+# -- what runs -------------------------------------------------------------------------------
+
+
+def test_epochs_are_planned_as_steps_from_the_tokenized_data() -> None:
+    overrides = ["trainer.epochs=0.5", "trainer.micro_batch_size=16", "optim.warmup_steps=1"]
+    plan = plan_for(overrides)
+    data = plan.shape.data
+    assert data is not None and not data.packed and 0 < data.longest <= plan.cfg.data.max_length
+    per_rank = data.rows // 2
+    expected = -(-per_rank // 16) // 2 + (-(-per_rank // 16) % 2 > 0)  # ceil(0.5 x batches)
+    assert plan.shape.max_steps == expected
+    assert plan.cfg.trainer.max_steps == compose_config(overrides).trainer.max_steps  # untouched
+    line = next(li for li in render(plan, with_memory=False).splitlines() if li.startswith("step"))
+    assert line == f"steps           {expected} ({plan.shape.steps_from})"
+    assert plan.shape.steps_from.startswith(f"from trainer.epochs=0.5: {data.rows} examples / 2")
+    with pytest.raises(ConfigError, match=f"makes {expected} optimizer steps"):
+        plan_for(["trainer.epochs=0.5", "trainer.micro_batch_size=16", "optim.warmup_steps=500"])
+
+
+def _checkpoint(root: Path, tag: str, damaged: bool) -> None:
+    directory = root / tag
+    directory.mkdir(parents=True)
+    (directory / "state.pt").write_bytes(b"weights")
+    files = {"state.pt": {"size": 7, "sha256": hashlib.sha256(b"weights").hexdigest()}}
+    if damaged:
+        files["zero_pp_rank_1_optim_states.pt"] = {"size": 3, "sha256": "0" * 64}
+    (directory / "manifest.json").write_text(json.dumps({"tag": tag, "files": files}))
+
+
+def test_the_plan_names_the_checkpoint_resume_will_use(tmp_path: Path) -> None:
+    root = tmp_path / "r" / "checkpoints"
+    _checkpoint(root, "step_00000016", damaged=False)
+    _checkpoint(root, "step_00000024", damaged=True)
+    (root / "latest").write_text("step_00000024\n")
+    lines = render(plan_for(["run_dir=r"]), with_memory=False).splitlines()
+    start = lines.index("resume          from step_00000016 (resume=auto)")
+    assert lines[start + 1].startswith("                skipped: newer step_00000024 is damaged")
+    assert "zero_pp_rank_1_optim_states.pt is missing" in lines[start + 1]
+    # The ranks' own rule picks the same one.
+    ranks = CheckpointManager(root, compose_config([]).checkpoint, DistEnv())
+    assert ranks.resume_point("auto") == root / "step_00000016"
+    with pytest.raises(CheckpointError, match="resume=never but"):
+        render(plan_for(["run_dir=r", "resume=never"]), with_memory=False)
