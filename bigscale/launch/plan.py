@@ -153,12 +153,14 @@ def data_stats(cfg: TrainConfig, run_dir: Path) -> DataStats | None:
         return None
     from bigscale.data.chat import set_chat_template
     from bigscale.data.pipeline import build_datasets
+    from bigscale.data.sources import preflight
     from bigscale.dist.env import DistEnv
     from bigscale.model.load import load_tokenizer
     from bigscale.train.assets import prepare_assets
     from bigscale.train.data_feed import cache_dir
 
     prepare_assets(cfg)  # the default job's data and tiny model, as `bigscale train` writes them
+    preflight(cfg.data)  # a bad file fails with the same message as without trainer.epochs
     tokenizer = load_tokenizer(cfg.model)
     set_chat_template(tokenizer, cfg.data)
     bundle = build_datasets(
