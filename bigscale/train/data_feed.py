@@ -41,6 +41,7 @@ class DataFeed:
                 t.seed,
                 t.num_workers,
                 shuffle=True,
+                packed=self.data.packed,
             )
         self.validation = build_loader(
             self.data.validation,
@@ -50,6 +51,8 @@ class DataFeed:
             t.seed,
             t.num_workers,
             shuffle=False,
+            split="validation",
+            packed=self.data.packed,
         )[0]
 
     def steps_for_epochs(self) -> int:
