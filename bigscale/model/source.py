@@ -16,8 +16,9 @@ from bigscale.errors import ConfigError, ModelError
 from bigscale.home import is_within, models_dir
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# Weight files torch.load unpickles; safetensors files hold tensors only.
-PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth")
+# The pickled weight files from_pretrained loads (one, or shards); safetensors hold tensors only.
+# Other pickles beside them (training_args.bin, optimizer.pt) are never loaded, so not checked.
+PICKLED_WEIGHTS = "pytorch_model*.bin"
 
 
 def looks_local(path: str) -> bool:
@@ -71,7 +72,7 @@ def check_pickled_weights(path: Path, key_value: str) -> None:
     Find that out now, reading only the pickle (``mmap``: tensor data stays on disk)."""
     if any(path.glob("*.safetensors")):
         return  # transformers prefers the safetensors files
-    weights = sorted(f for pattern in PICKLED_WEIGHTS for f in path.glob(pattern))
+    weights = sorted(path.glob(PICKLED_WEIGHTS))
     if not weights:
         return  # no weights at all: from_pretrained names what it looked for
     import torch

@@ -64,3 +64,10 @@ def test_rank_load_maps_the_refusal(tmp_path: Path) -> None:
     with pytest.raises(ModelError) as err:
         load_model(cfg, Precision.fp32, load_tokenizer(cfg))
     assert_refused_for_safety(str(err.value), directory)
+
+
+def test_pickles_from_pretrained_never_loads_are_not_checked(tmp_path: Path) -> None:
+    """A trainer's training_args.bin (a pickled object) beside tensor-only weights is fine."""
+    directory = pickled_model(tmp_path / "m", None)
+    torch.save({"args": NotATensor()}, directory / "training_args.bin")
+    check_model_source(model_cfg(directory).model)
