@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import QUICK, bigscale, explain, train_rows
+from tests.cli import QUICK, bigscale, explain, torchrun, train_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -217,3 +217,18 @@ def test_date_strings_train_as_text(tmp_path: Path, bigscale_home: Path) -> None
     assert proc.returncode == 0, explain(proc)
     assert "datetime" not in proc.stderr, explain(proc)
     assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
+
+
+def test_own_torchrun_rank_refuses_the_demo_preset_on_a_user_file(
+    tmp_path: Path, bigscale_home: Path
+) -> None:
+    """Ranks started by a user's own torchrun run the same check before joining the group:
+    every rank stops, the message appears once, and the file is unchanged."""
+    corpus = write_jsonl(tmp_path / "MY_CORPUS.jsonl", [{"body": f"line {i}"} for i in range(5)])
+    before = corpus.read_bytes()
+    args = [f"data.path={corpus}", "data.text_field=body", f"run_dir={tmp_path / 'run'}"]
+    proc = torchrun(2, args, tmp_path, bigscale_home, timeout=TIMEOUT)
+    assert proc.returncode != 0, explain(proc)
+    assert proc.stderr.count(f"error: data.path={corpus} is outside") == 1, explain(proc)
+    assert "data=text_files" in proc.stderr
+    assert corpus.read_bytes() == before
