@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def model_dir(work: Path, hidden: int, layers: int) -> Path:
-    return work / f"llama-{hidden}x{layers}"
+    # Under the children's BIGSCALE_HOME (child_env): bigscale creates models only there.
+    return work / "home" / "models" / f"llama-{hidden}x{layers}"
 
 
 def model_overrides(work: Path, hidden: int, layers: int) -> list[str]:

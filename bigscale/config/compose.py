@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bigscale.config.schema import TrainConfig
 from bigscale.errors import ConfigError
+from bigscale.home import bigscale_home
 
 SCHEMA_NAME = "train_schema"
 
@@ -33,6 +34,9 @@ def config_dir() -> Path:
 
 def _register_schema() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+    # The presets name bigscale's own folder as ${bigscale_home:}, so YAML and code share one
+    # definition of it (bigscale.home).
+    OmegaConf.register_new_resolver("bigscale_home", lambda: str(bigscale_home()), replace=True)
 
 
 def compose_raw(overrides: list[str], conf_dir: Path | None = None) -> DictConfig:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bigscale.config.schema import TrainConfig
-from bigscale.errors import ConfigError, DataError
+from bigscale.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def derive(cfg: TrainConfig, world_size: int, data: DataStats | None) -> RunShap
     if data is None:
         raise ValueError("trainer.epochs needs the training data's counts")
     steps, per_rank, batches = epoch_steps(
-        t.epochs, data.rows, world_size, t.micro_batch_size, t.grad_accum
+        t.epochs, data.rows, world_size, t.micro_batch_size, t.grad_accum, data.packed
     )
     warmup = cfg.optim.warmup_steps
     if warmup >= steps:
@@ -92,7 +92,12 @@ def derive(cfg: TrainConfig, world_size: int, data: DataStats | None) -> RunShap
 
 
 def epoch_steps(
-    epochs: float, rows: int, world_size: int, micro_batch_size: int, grad_accum: int
+    epochs: float,
+    rows: int,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    packed: bool = False,
 ) -> tuple[int, int, int]:
     """(optimizer steps, rows per rank and epoch, micro batches per rank and epoch) for
     ``epochs`` passes, counted as the sampler and loader take the data: each rank gets
@@ -101,9 +106,8 @@ def epoch_steps(
     ``grad_accum`` of them, as Hugging Face's ``num_train_epochs`` counts."""
     per_rank = rows // world_size
     if rows and not per_rank:
-        raise DataError(
-            f"the dataset has {rows} rows, fewer than the {world_size} data-parallel ranks; "
-            "add data or use fewer ranks."
-        )
+        from bigscale.data.pipeline import too_few_rows
+
+        raise too_few_rows("training", rows, world_size, packed)
     batches = -(-per_rank // micro_batch_size)
     return max(1, math.ceil(epochs * batches / grad_accum)), per_rank, batches

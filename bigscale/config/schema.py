@@ -150,7 +150,8 @@ class ModelConfig:
     pad_token: str | None = None
     """Pad token to use when the tokenizer has none; by default the EOS token is reused."""
     create_if_missing: TinyModelSpec | None = None
-    """When set and ``name_or_path`` does not exist, build a tiny model there first."""
+    """When set and ``name_or_path`` lies in ``$BIGSCALE_HOME/models`` without a model yet, build
+    a tiny model there first. Elsewhere ``name_or_path`` must already hold a model."""
 
 
 @dataclass
@@ -239,7 +240,8 @@ class DataConfig:
     only a label. Each source's held-out part (``validation_fraction`` or
     ``validation_examples``) forms the validation set unless ``validation_path`` is set."""
     generate_arithmetic: bool = False
-    """Write the built-in arithmetic task to the path, validation and test files if missing."""
+    """Write the built-in arithmetic task to the path, validation and test files that are
+    missing; all three must lie in ``$BIGSCALE_HOME/data`` (a file of yours is never written)."""
     test_path: str | None = None
     """Held-out prompt/answer file for the exact-match task metric (``eval.exact_match``)."""
 

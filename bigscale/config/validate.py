@@ -7,7 +7,6 @@ involved and what to set instead."""
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,6 @@ DERIVED_DEEPSPEED_KEYS = {
     "zero_optimization.stage": "strategy.zero_stage (or strategy=zero1|zero2|zero3)",
 }
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
 
 @dataclass(frozen=True)
 class Hardware:
@@ -47,11 +44,6 @@ class Hardware:
         count = torch.cuda.device_count()
         memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
         return cls(count, torch.cuda.is_bf16_supported(), memory / 1024**3)
-
-
-def looks_local(path: str) -> bool:
-    """A hub id is ``org/name``; anything else (absolute, ./, ~, deeper paths) is a local path."""
-    return not _HUB_ID.match(path) or Path(path).exists()
 
 
 def resolve_precision(requested: Precision, hw: Hardware) -> Precision:
@@ -77,6 +69,7 @@ def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
     _check_optim(cfg)
     _check_data(cfg)
     _check_model(cfg)
+    _check_assets(cfg)
     _check_finetune(cfg)
     _check_dist(cfg)
 
@@ -244,14 +237,16 @@ def _check_model(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"model.loss_chunk_tokens={m.loss_chunk_tokens} must be 0 (off) or a token count"
         )
-    if m.create_if_missing is not None or not looks_local(m.name_or_path):
-        return
-    if not Path(m.name_or_path).expanduser().is_dir():
-        raise ConfigError(
-            f"model.name_or_path={m.name_or_path} does not exist: give a local directory "
-            "holding a Hugging Face model (config.json + weights) or a hub id like "
-            "'Qwen/Qwen2.5-0.5B'"
-        )
+    # Light (no torch unless a directory holds only pickled weights): runs in the launcher.
+    from bigscale.model.source import check_model_source
+
+    check_model_source(m)
+
+
+def _check_assets(cfg: TrainConfig) -> None:
+    from bigscale.train.assets import check_generated_data
+
+    check_generated_data(cfg.data)
 
 
 def _check_finetune(cfg: TrainConfig) -> None:

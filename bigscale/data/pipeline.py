@@ -227,6 +227,29 @@ def build_datasets(
     )
 
 
+def too_few_rows(split: str, rows: int, ranks: int, packed: bool) -> DataError:
+    """Every rank needs at least one row of each split; say which split fell short, when it was
+    counted, and what makes it larger."""
+    after = (
+        "tokenizing and packing" if packed else "tokenizing (and dropping what data.overlong drops)"
+    )
+    fixes = ["more data"]
+    if packed:
+        fixes.insert(0, "a smaller data.max_length (packing puts fewer tokens in each row)")
+    if split == "validation":
+        fixes = [
+            *fixes[:-1],
+            "a larger data.validation_fraction",
+            "a larger data.validation_path file (or data.validation_examples when streaming)",
+            "more data",
+        ]
+    return DataError(
+        f"the {split} split has {rows} row(s) after {after}, fewer than the {ranks} "
+        f"data-parallel ranks, and each rank needs at least one. Give it more rows: "
+        f"{', '.join(fixes)}; or run on fewer ranks."
+    )
+
+
 def build_loader(
     ds: datasets.Dataset,
     collate: Collate,
@@ -235,16 +258,16 @@ def build_loader(
     seed: int,
     num_workers: int,
     shuffle: bool,
+    split: str = "training",
+    packed: bool = False,
 ) -> tuple[DataLoader, ResumableDistributedSampler]:
-    """A loader over this rank's share of ``ds``, and its sampler (for epochs and resuming)."""
+    """A loader over this rank's share of ``ds``, and its sampler (for epochs and resuming).
+    ``split`` and ``packed`` only word the error for a split smaller than the ranks."""
     sampler = ResumableDistributedSampler(
         len(ds), rank=env.rank, world_size=env.world_size, seed=seed, shuffle=shuffle
     )
     if len(ds) > 0 and len(sampler) == 0:
-        raise DataError(
-            f"the dataset has {len(ds)} rows, fewer than the {env.world_size} data-parallel "
-            "ranks; add data or use fewer ranks."
-        )
+        raise too_few_rows(split, len(ds), env.world_size, packed)
     loader = DataLoader(
         ds,
         batch_size=micro_batch_size,

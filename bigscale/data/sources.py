@@ -8,7 +8,6 @@ the model are up. ``load_raw`` is what the ranks call to get the train/validatio
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +15,14 @@ from typing import TYPE_CHECKING
 
 from bigscale.config.schema import DataConfig, DataFormat, DataStyle
 from bigscale.data.chat import CHAT_STYLES, preflight_rows
+from bigscale.data.jsonfiles import (
+    MESSAGES_KEY,
+    check_values,
+    iter_rows,
+    load_json,
+    optional_fields,
+    read_lines,
+)
 from bigscale.errors import DataError
 
 if TYPE_CHECKING:  # datasets is imported lazily: pre-flight runs in the launcher and needs none
@@ -105,72 +112,61 @@ def _builder_for(files: list[Path], cfg: DataConfig) -> str:
     return kinds.pop()  # type: ignore[return-value]
 
 
-def _check_jsonl(
+def _check_json(
     path: Path, cfg: DataConfig, fields: list[tuple[str, str]], max_rows: int | None = None
 ) -> None:
+    """JSON lines or a JSON array: parseable, UTF-8, the fields present and of the right type
+    on every row, each problem named by file:line."""
     columns: dict[str, None] = {}  # ordered set: report columns in file order
-    rows: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            if not line.strip():
-                continue  # the json builder skips blank lines too
-            try:
-                # Without its newline, so that e.colno is a column of this line: a truncated
-                # line otherwise fails at "line 2, column 1" of the string.
-                row = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: malformed JSON ({e.msg}: column {e.colno}). "
-                    "Fix or remove that line."
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(
-                    f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}."
-                )
-            columns.update(dict.fromkeys(row))
-            rows.append((lineno, row))
-    if not rows:
-        raise DataError(f"{path} holds no examples.")
-    check_columns(columns, cfg, str(path), fields)
-    # The column exists somewhere; a row that lacks it would reach the tokenizer as None.
-    for lineno, row in rows:
-        for key, column in fields:
-            if row.get(column) is None:
-                raise DataError(
-                    f"{path}:{lineno}: {key}={column!r} is missing or null on this line. "
-                    "Fix or remove that line."
-                )
-    if DataStyle(cfg.style) in CHAT_STYLES:  # roles, last turn: cheap, and named by file:line
-        preflight_rows(rows, cfg, str(path))
-
-
-def _check_json_array(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -> None:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            rows = json.load(fh)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"{path}:{e.lineno}: malformed JSON ({e.msg}: column {e.colno}). Fix that line."
-        ) from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise DataError(f"{path}: expected a JSON array of objects or one JSON object per line.")
-    if not rows:
-        raise DataError(f"{path} holds no examples.")
-    columns: dict[str, None] = {}
-    for row in rows:
+    rows = list(iter_rows(path, max_rows))
+    for _, row in rows:
         columns.update(dict.fromkeys(row))
+    if not rows:
+        raise DataError(f"{path} holds no examples.")
     check_columns(columns, cfg, str(path), fields)
+    # The column exists somewhere; a row that lacks it, or holds a number or a list where text
+    # belongs, would otherwise fail in the ranks, after the model is loaded.
+    optional = optional_fields(cfg, fields)
+    for place, row in rows:
+        check_values(f"{path}:{place}", row, fields, optional)
+    if DataStyle(cfg.style) in CHAT_STYLES:  # roles, last turn: cheap, and named by file:line
+        preflight_rows(rows, cfg, str(path))  # type: ignore[arg-type]  # place: line or label
 
 
-def _starts_with_array(path: Path) -> bool:
-    with open(path, encoding="utf-8") as fh:
-        while chunk := fh.read(4096):
-            stripped = chunk.lstrip()
-            if stripped:
-                return stripped[0] == "["
-    return False
+def _check_parquet(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise DataError(f"{path}: not a readable parquet file ({e}).") from None
+    check_columns(schema.names, cfg, str(path), fields)
+    for key, column in [*fields, *optional_fields(cfg, fields)]:
+        if column not in schema.names:
+            continue
+        kind = schema.field(column).type
+        if key == MESSAGES_KEY:
+            ok = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            item = kind.value_type if ok else None
+            if ok and pa.types.is_struct(item) and item.get_field_index("content") >= 0:
+                kind = item.field("content").type
+            else:
+                raise DataError(
+                    f"{path}: {key}={column!r} is a column of {kind}, not a list of "
+                    "{role, content} messages. Write the messages as a list of structs."
+                )
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(
+                f"{path}: {key}={column!r} holds {kind} values, not text; bigscale trains on "
+                "strings only. Write that column as strings (e.g. df[col].astype(str))."
+            )
+
+
+def _check_text_file(path: Path, max_rows: int | None) -> None:
+    for lineno, _ in read_lines(path):
+        if max_rows is not None and lineno >= max_rows:
+            return
 
 
 def check_local_file(
@@ -187,21 +183,12 @@ def check_local_file(
     fields = required_fields(cfg) if fields is None else fields
     builder = _builder_for([path], cfg)
     if builder == "json":
-        # A .json file may be one array or JSON lines; the json builder accepts both.
-        if path.suffix.lower() == ".json" and _starts_with_array(path):
-            _check_json_array(path, cfg, fields)
-        else:
-            _check_jsonl(path, cfg, fields, max_rows)
+        _check_json(path, cfg, fields, max_rows)  # a .json file may be one array or JSON lines
     elif builder == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            names = pq.read_schema(path).names
-        except Exception as e:  # pyarrow raises several types for a bad file
-            raise DataError(f"{path}: not a readable parquet file ({e}).") from None
-        check_columns(names, cfg, str(path), fields)
+        _check_parquet(path, cfg, fields)
     else:
         check_columns(["text"], cfg, str(path), fields)
+        _check_text_file(path, max_rows)
 
 
 def _looks_local(path: str) -> bool:
@@ -264,6 +251,15 @@ def _load_local(files: list[Path], cfg: DataConfig, cache_dir: Path | None) -> d
     import datasets
 
     builder = _builder_for(files, cfg)
+    if builder == "json":
+        # Read by bigscale, so text stays text (Arrow's reader turns dates into timestamps).
+        try:
+            return load_json(files, cfg, required_fields(cfg), cache_dir)  # type: ignore[return-value]
+        except DataError:
+            # A row without the field: the structural check names the columns that exist.
+            for f in files:
+                check_local_file(f, cfg)
+            raise
     try:
         return datasets.load_dataset(
             builder,

@@ -35,9 +35,10 @@ from datasets.distributed import split_dataset_by_node
 
 from bigscale.config.schema import DataConfig
 from bigscale.data.collate import _pack_batch, pack_examples
+from bigscale.data.jsonfiles import load_json
 from bigscale.data.mixture import Source, interleave, mixture_sources, validation_source
 from bigscale.data.pipeline import Collate, DataBundle, add_reports, empty_split, make_collate
-from bigscale.data.sources import _builder_for, _local_files, check_columns, is_hub
+from bigscale.data.sources import _builder_for, _local_files, check_columns, is_hub, required_fields
 from bigscale.data.tokenize import (
     _KEPT,
     _N_LOSS,
@@ -76,6 +77,9 @@ def load_stream(cfg: DataConfig, key: str) -> datasets.IterableDataset:
             ) from e
     files = _local_files(cfg.path, key)
     builder = _builder_for(files, cfg)
+    if builder == "json":
+        # Read by bigscale, so text stays text (Arrow's reader turns dates into timestamps).
+        return load_json(files, cfg, required_fields(cfg), streaming=True)  # type: ignore[return-value]
     return datasets.load_dataset(
         builder, data_files=[str(f) for f in files], split="train", streaming=True
     )

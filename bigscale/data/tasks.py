@@ -16,19 +16,29 @@ TEST_SIZE = 500
 VALIDATION_SIZE = 500
 
 
-def _write_atomic(path: Path, rows: list[dict[str, str]]) -> None:
-    # Temp file in the same directory so os.replace is a rename on one filesystem, which readers
-    # see as either the old file or the whole new one.
+def _write_new(path: Path, rows: list[dict[str, str]]) -> None:
+    """Write ``path`` whole, only if it does not exist: an existing file is never replaced."""
+    # Temp file in the same directory, then a hard link to the final name: the link appears
+    # whole or not at all, and fails (instead of replacing) when the name is already taken.
+    if path.exists():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # written meanwhile by another process (the same rows), or the user's: kept
+        except OSError:
+            # A filesystem without hard links: rename, which a racing writer of the same rows
+            # may also do; checked just before, so only such a writer is ever replaced.
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def arithmetic_rows(seed: int = 0, max_operand: int = 99) -> list[dict[str, str]]:
@@ -46,6 +56,7 @@ def write_arithmetic_task(
     max_operand: int = 99,
 ) -> None:
     """Write the addition task as JSON lines: 500 test rows, 500 validation rows, train the rest.
+    Only missing files are written; an existing file is left as it is.
 
     The split is the same whether or not the validation/test files are written (``None`` skips
     one), so train never contains a held-out sum.
@@ -58,8 +69,8 @@ def write_arithmetic_task(
             "to hold out test and validation rows."
         )
     test, validation, train = rows[:TEST_SIZE], rows[TEST_SIZE:held_out], rows[held_out:]
-    _write_atomic(Path(train_path), train)
+    _write_new(Path(train_path), train)
     if validation_path is not None:
-        _write_atomic(Path(validation_path), validation)
+        _write_new(Path(validation_path), validation)
     if test_path is not None:
-        _write_atomic(Path(test_path), test)
+        _write_new(Path(test_path), test)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from bigscale.errors import ModelError
 from bigscale.logging import get_logger
 from bigscale.model.attention import attention_kernel
 from bigscale.model.chunked_loss import install_chunked_loss
+from bigscale.model.source import creates_model, unsafe_pickle_error
 from bigscale.model.tiny import create_tiny_model
 
 log = get_logger(__name__)
@@ -31,8 +33,10 @@ _PRECISION_DTYPES = {
 
 
 def ensure_model_files(cfg: ModelConfig) -> None:
-    """Create the tiny model on first use when the preset asks for it (idempotent, atomic)."""
-    if cfg.create_if_missing is not None:
+    """Create the tiny model on first use when the preset asks for it and the path is
+    bigscale's own (``creates_model``); idempotent, atomic, never over an existing folder."""
+    if creates_model(cfg):
+        assert cfg.create_if_missing is not None
         create_tiny_model(Path(cfg.name_or_path).expanduser(), cfg.create_if_missing)
 
 
@@ -80,6 +84,9 @@ def load_model(
             attn_implementation=kernel,
             trust_remote_code=cfg.trust_remote_code,
         )
+    except pickle.UnpicklingError as exc:
+        # torch's weights-only unpickler refused it; its message suggests weights_only=False.
+        raise unsafe_pickle_error(cfg.name_or_path, cfg.name_or_path, exc) from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model.name_or_path={cfg.name_or_path!r}: {exc}") from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:

@@ -16,6 +16,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from bigscale.config.schema import TinyModelSpec
+from bigscale.errors import ModelError
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 
@@ -45,10 +46,14 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def create_tiny_model(path: Path, spec: TinyModelSpec) -> None:
-    """Write model + tokenizer to ``path`` atomically: a concurrent reader sees all or nothing."""
+    """Write model + tokenizer to ``path`` atomically: a concurrent reader sees all or nothing.
+
+    Never over anything: an existing model is kept, and a non-empty folder without
+    ``config.json`` is refused rather than replaced."""
     path = Path(path)
     if (path / "config.json").is_file():
         return
+    _refuse_occupied(path)
     tokenizer = build_char_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -71,9 +76,21 @@ def create_tiny_model(path: Path, spec: TinyModelSpec) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, path)
+        # A rename onto a directory succeeds only if that one is empty, so nothing is replaced.
+        os.rename(staging, path)
     except OSError:
-        # Another process won the race and created it first; theirs is identical.
         shutil.rmtree(staging, ignore_errors=True)
-        if not (path / "config.json").is_file():
-            raise
+        if (path / "config.json").is_file():
+            return  # another process won the race and created it first; theirs is identical
+        _refuse_occupied(path)
+        raise
+
+
+def _refuse_occupied(path: Path) -> None:
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if path.exists():
+        raise ModelError(
+            f"cannot create the tiny model at {path}: something else is there (no config.json); "
+            "delete it, or point model.name_or_path at a new folder"
+        )

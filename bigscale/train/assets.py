@@ -1,26 +1,64 @@
 """Files a run needs before its ranks start: the tiny model and the built-in arithmetic task
-when the presets ask for them. Idempotent and atomic, so the launcher and rank 0 may both call
-it."""
+when the presets ask for them.
+
+Generated files go only to bigscale's own folder (``bigscale.home``) and never over an existing
+file, so a user's data or model path is read, never written: ``check_generated_data`` refuses a
+demo preset pointed at a user's file before anything is written. Idempotent and atomic, so the
+launcher and rank 0 may both call ``prepare_assets``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bigscale.config.schema import TrainConfig
+from bigscale.config.schema import DataConfig, TrainConfig
 from bigscale.data.tasks import write_arithmetic_task
 from bigscale.errors import ConfigError
-from bigscale.model.load import ensure_model_files
+from bigscale.home import data_dir, is_within
+from bigscale.model.source import check_model_source, creates_model
+
+# Presets that read a user's own files, by what the files hold.
+USER_FILE_PRESETS = (
+    "data=text_files (plain text, data.text_field), data=sft_files (prompt/response pairs), "
+    "data=chat_files (messages lists), data=alpaca_files (instruction/input/output)"
+)
+
+
+def check_generated_data(d: DataConfig) -> None:
+    """With ``data.generate_arithmetic``, all three paths must be bigscale's own (under
+    ``<BIGSCALE_HOME>/data``): the generated task is written there, and a path of the user's
+    means the user meant their own data, not the demo."""
+    if not d.generate_arithmetic:
+        return
+    paths = {"data.path": d.path, "data.validation_path": d.validation_path}
+    paths["data.test_path"] = d.test_path
+    missing = [key for key, p in paths.items() if p is None]
+    if missing:
+        raise ConfigError(
+            f"data.generate_arithmetic=true writes the built-in task to data.path, "
+            f"data.validation_path and data.test_path, but {', '.join(missing)} is null; set "
+            "data.generate_arithmetic=false to use your own files"
+        )
+    foreign = [(key, p) for key, p in paths.items() if not is_within(p, data_dir())]
+    if foreign:
+        key, path = foreign[0]
+        raise ConfigError(
+            f"{key}={path} is outside bigscale's data folder {data_dir()}, but "
+            "data.generate_arithmetic=true: the default data=arithmetic preset generates its own "
+            "task there and would never read your file. To train on your file, choose the "
+            f"preset for what it holds: {USER_FILE_PRESETS}, e.g. `bigscale train "
+            f"data=text_files data.path={d.path}`"
+        )
 
 
 def prepare_assets(cfg: TrainConfig) -> None:
-    ensure_model_files(cfg.model)
+    check_model_source(cfg.model)
+    if creates_model(cfg.model):
+        # Imported here: creating the model needs torch and transformers, checking does not.
+        from bigscale.model.load import ensure_model_files
+
+        ensure_model_files(cfg.model)
     d = cfg.data
+    check_generated_data(d)
     if d.generate_arithmetic:
-        paths = [d.path, d.validation_path, d.test_path]
-        if any(p is None for p in paths):
-            raise ConfigError(
-                "data.generate_arithmetic=true needs data.path, data.validation_path and "
-                "data.test_path"
-            )
-        if not all(Path(p).is_file() for p in paths):  # type: ignore[arg-type]
-            write_arithmetic_task(*(Path(p) for p in paths), seed=0)  # type: ignore[arg-type]
+        paths = [Path(p).expanduser() for p in (d.path, d.validation_path, d.test_path) if p]
+        write_arithmetic_task(*paths, seed=0)

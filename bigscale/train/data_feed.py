@@ -42,6 +42,7 @@ class DataFeed:
                 t.seed,
                 t.num_workers,
                 shuffle=True,
+                packed=self.data.packed,
             )
         self.validation = build_loader(
             self.data.validation,
@@ -51,6 +52,8 @@ class DataFeed:
             t.seed,
             t.num_workers,
             shuffle=False,
+            split="validation",
+            packed=self.data.packed,
         )[0]
 
     @property

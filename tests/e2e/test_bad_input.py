@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import bigscale, explain
+from tests.cli import QUICK, bigscale, explain, torchrun, train_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -144,3 +144,91 @@ def test_dataset_empty_after_filtering(nproc: int, tmp_path: Path, bigscale_home
     )
     assert proc.stderr.count("empty after filtering") == 1, explain(proc)
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_demo_preset_never_touches_a_user_data_file(tmp_path: Path, bigscale_home: Path) -> None:
+    """`data.path=` without a `data=` preset keeps the default arithmetic preset, which
+    generates its own task: it must refuse the user's path, not write the task over it."""
+    corpus = write_jsonl(tmp_path / "MY_CORPUS.jsonl", [{"body": f"line {i}"} for i in range(5)])
+    before = corpus.read_bytes()
+    run_dir = tmp_path / "run"
+    overrides = [f"data.path={corpus}", "data.text_field=body", f"run_dir={run_dir}"]
+    proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
+    assert_user_error(proc, f"data.path={corpus}", "data=arithmetic", "data=text_files")
+    assert corpus.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["MY_CORPUS.jsonl"]
+
+
+def test_mistyped_model_path_is_an_error_not_a_new_model(
+    tmp_path: Path, bigscale_home: Path
+) -> None:
+    typo = tmp_path / "path" / "to" / "typo"
+    run_dir = tmp_path / "run"
+    overrides = [f"model.name_or_path={typo}", f"run_dir={run_dir}"]
+    proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
+    assert_user_error(proc, f"model.name_or_path={typo} does not exist")
+    assert not (tmp_path / "path").exists() and not run_dir.exists()
+
+
+def test_directory_without_config_json(tmp_path: Path, bigscale_home: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.txt").write_text("not a model")
+    run_dir = tmp_path / "run"
+    overrides = [f"model.name_or_path={folder}", f"run_dir={run_dir}"]
+    proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
+    assert_user_error(proc, f"model.name_or_path={folder} is a directory without config.json")
+    assert [p.name for p in folder.iterdir()] == ["weights.txt"] and not run_dir.exists()
+
+
+def test_non_utf8_bytes_named_by_line_and_offset(tmp_path: Path, bigscale_home: Path) -> None:
+    data = write_jsonl(tmp_path / "train.jsonl", pairs())
+    lines = data.read_bytes().splitlines(keepends=True)
+    lines[3] = lines[3].replace(b"+1=", b"+1=\xe9")  # latin-1 for "é": not UTF-8
+    data.write_bytes(b"".join(lines))
+    offset = sum(len(line) for line in lines[:3]) + lines[3].index(b"\xe9")
+    run_dir = tmp_path / "run"
+    proc = bigscale(
+        ["train", *sft_files(data), f"run_dir={run_dir}"], tmp_path, bigscale_home, TIMEOUT
+    )
+    assert_user_error(proc, f"{data}:4: byte offset {offset} ", "not UTF-8")
+    assert not run_dir.exists(), "a pre-flight error must not create the run directory"
+
+
+def test_date_strings_train_as_text(tmp_path: Path, bigscale_home: Path) -> None:
+    """Responses that are all ISO dates: read as the strings written, through the ranks."""
+    rows = [{"prompt": f"day {i}?", "response": f"2036-10-{i + 1:02d}"} for i in range(28)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    run_dir = tmp_path / "run"
+    overrides = [
+        *QUICK,
+        *sft_files(data),
+        "trainer.max_steps=2",
+        "trainer.micro_batch_size=2",
+        "trainer.grad_accum=1",
+        "trainer.log_every=1",
+        "optim.warmup_steps=0",
+        "checkpoint.every_steps=0",
+        "export.at_end=false",
+        "launcher.nproc_per_node=1",
+        f"run_dir={run_dir}",
+    ]
+    proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
+    assert proc.returncode == 0, explain(proc)
+    assert "datetime" not in proc.stderr, explain(proc)
+    assert [r["step"] for r in train_rows(run_dir)] == [1, 2]
+
+
+def test_own_torchrun_rank_refuses_the_demo_preset_on_a_user_file(
+    tmp_path: Path, bigscale_home: Path
+) -> None:
+    """Ranks started by a user's own torchrun run the same check before joining the group:
+    every rank stops, the message appears once, and the file is unchanged."""
+    corpus = write_jsonl(tmp_path / "MY_CORPUS.jsonl", [{"body": f"line {i}"} for i in range(5)])
+    before = corpus.read_bytes()
+    args = [f"data.path={corpus}", "data.text_field=body", f"run_dir={tmp_path / 'run'}"]
+    proc = torchrun(2, args, tmp_path, bigscale_home, timeout=TIMEOUT)
+    assert proc.returncode != 0, explain(proc)
+    assert proc.stderr.count(f"error: data.path={corpus} is outside") == 1, explain(proc)
+    assert "data=text_files" in proc.stderr
+    assert corpus.read_bytes() == before

@@ -121,3 +121,23 @@ def test_node_scope_builds_on_each_nodes_first_rank(tmp_path: Path) -> None:
     assert is_builder(env, CacheScope.node) and not is_builder(env, CacheScope.cluster)
     assert cache_root(tmp_path, CacheScope.node).parent == tmp_path
     assert cache_root(tmp_path, CacheScope.cluster) == tmp_path
+
+
+def test_validation_split_smaller_than_the_ranks_after_packing(
+    task_files, char_tokenizer, tmp_path: Path
+) -> None:
+    """Three short validation examples pack into one row: two ranks cannot share it, and the
+    message says which split, that it was counted after packing, and what to change."""
+    small = tmp_path / "val.jsonl"
+    small.write_text("".join(f'{{"prompt": "{i}+1=", "response": "{i + 1}"}}\n' for i in range(3)))
+    cfg = cfg_for((task_files[0], small), max_length=64, packing=True)
+    bundle = build_datasets(cfg, char_tokenizer, DistEnv(), seed=0, cache_dir=tmp_path / "c")
+    assert len(bundle.validation) == 1 and bundle.packed
+    env = DistEnv(rank=0, world_size=2)
+    with pytest.raises(DataError) as err:
+        build_loader(bundle.validation, bundle.collate, env, 8, 0, 0, False, "validation", True)
+    msg = str(err.value)
+    assert "the validation split has 1 row(s) after tokenizing and packing" in msg
+    assert "fewer than the 2 data-parallel ranks" in msg
+    for fix in ("data.max_length", "data.validation_fraction", "data.validation_path"):
+        assert fix in msg

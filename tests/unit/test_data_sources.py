@@ -77,7 +77,8 @@ def test_parquet_and_text_columns(tmp_path: Path) -> None:
 
 def test_json_array_file(tmp_path: Path) -> None:
     path = tmp_path / "x.json"
-    path.write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]))
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path.write_text(json.dumps([{"messages": chat}]))
     check_local_file(path, DataConfig(path=str(path), style=DataStyle.chat))
     with pytest.raises(DataError, match=re.escape("data.text_field")):
         check_local_file(path, DataConfig(path=str(path)))

@@ -24,8 +24,23 @@ def test_split_sizes_content_and_determinism(tmp_path: Path) -> None:
         assert row["response"] == str(int(x) + int(y))
 
     first = [p.read_bytes() for p in (a, b, c)]
-    write_arithmetic_task(a, b, c, seed=0, max_operand=99)
-    assert [p.read_bytes() for p in (a, b, c)] == first
-    write_arithmetic_task(a, b, c, seed=1, max_operand=99)
-    assert c.read_bytes() != first[2]
+    again = [tmp_path / "y" / p.name for p in (a, b, c)]
+    write_arithmetic_task(*again, seed=0, max_operand=99)
+    assert [p.read_bytes() for p in again] == first
+    other = tmp_path / "z" / "test.jsonl"
+    write_arithmetic_task(tmp_path / "z" / "train.jsonl", None, other, seed=1, max_operand=99)
+    assert other.read_bytes() != first[2]
     assert not [p for p in a.parent.iterdir() if p.name.endswith(".tmp")]  # no temp files left
+
+
+def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
+    """Only missing files are written: a file already there, of any content, stays as it is."""
+    a, b, c = (tmp_path / n for n in ("train.jsonl", "val.jsonl", "test.jsonl"))
+    a.write_text('{"text": "mine"}\n')
+    write_arithmetic_task(a, b, c, seed=0, max_operand=99)
+    assert a.read_text() == '{"text": "mine"}\n'
+    assert len(read(b)) == 500 and len(read(c)) == 500
+    before = c.read_bytes()
+    write_arithmetic_task(a, b, c, seed=1, max_operand=99)
+    assert c.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl", "train.jsonl", "val.jsonl"]
