@@ -107,7 +107,15 @@ def test_warned_job_checkpoints_requeues_and_resumes_exactly(
     slurm_cluster: SlurmCluster, straight: Path, bigscale_home: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    job = _submit(slurm_cluster, bigscale_home, tmp_path, run_dir)
+    # With the secret overrides too: the requeued attempt gets them from the saved environment.
+    job = _submit(
+        slurm_cluster,
+        bigscale_home,
+        tmp_path,
+        run_dir,
+        *SECRET_ARGS,
+        env={"MY_API_KEY": SENTINELS[1]},
+    )
     _wait_for_checkpoint(slurm_cluster, job, run_dir, "step_00000008")
     slurm_cluster.run(["scancel", "--signal=USR1", job])
     state = slurm_cluster.wait_job(job, timeout=400)
