@@ -24,7 +24,7 @@ from bigscale.launch.plan import Plan
 
 TEMPLATE = "slurm/train.sbatch"
 SECRET_ENV = "BIGSCALE_SECRET_"
-_MISSING = "an override holding a secret; submit with bigscale train, which sets it"
+_MISSING = "a setting holding a secret; submit with bigscale train, which sets it"
 _NEEDS_QUOTES = re.compile(r"[\s\"'#]")
 _SPECIAL_IN_DOUBLE_QUOTES = re.compile(r"[\"$`\\!]")
 
@@ -70,6 +70,17 @@ def render_script(plan: Plan) -> str:
     return Template(repo_file(TEMPLATE).read_text()).substitute(values)
 
 
+def _named(plan: Plan) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Each override and ``launcher.setup`` line with the variable that would carry it."""
+    overrides = [(f"{SECRET_ENV}OVERRIDE_{i}", o) for i, o in enumerate(plan.rank_overrides)]
+    setup = [(f"{SECRET_ENV}SETUP_{i}", line) for i, line in enumerate(plan.cfg.launcher.setup)]
+    return overrides, setup
+
+
+def _holds_secret(text: str) -> bool:
+    return redact_text(text) != text
+
+
 def job_secrets(plan: Plan) -> dict[str, str]:
     """The overrides and ``launcher.setup`` lines that carry a secret, by the environment
     variable that brings each to the job.
@@ -77,9 +88,8 @@ def job_secrets(plan: Plan) -> dict[str, str]:
     The script is kept in the run directory and printed by ``bigscale plan``, so it must not hold
     them; sbatch copies the submitting environment into the job (``--export=ALL``, its default)
     and keeps it for every requeue, so the job reads them from there."""
-    found = {f"{SECRET_ENV}OVERRIDE_{i}": o for i, o in enumerate(plan.rank_overrides)}
-    found |= {f"{SECRET_ENV}SETUP_{i}": line for i, line in enumerate(plan.cfg.launcher.setup)}
-    return {name: text for name, text in found.items() if redact_text(text) != text}
+    overrides, setup = _named(plan)
+    return {name: text for name, text in overrides + setup if _holds_secret(text)}
 
 
 def _from_env(name: str) -> str:
@@ -88,21 +98,14 @@ def _from_env(name: str) -> str:
 
 
 def _override_words(plan: Plan) -> list[str]:
-    secret = job_secrets(plan)
-    return [
-        _from_env(name) if name in secret else shell_quote(o)
-        for name, o in ((f"{SECRET_ENV}OVERRIDE_{i}", o) for i, o in enumerate(plan.rank_overrides))
-    ]
+    overrides, _ = _named(plan)
+    return [_from_env(n) if _holds_secret(o) else shell_quote(o) for n, o in overrides]
 
 
 def _setup(plan: Plan) -> str:
-    secret = job_secrets(plan)
-    lines = [
-        f"eval {_from_env(name)}" if name in secret else line
-        for name, line in (
-            (f"{SECRET_ENV}SETUP_{i}", s) for i, s in enumerate(plan.cfg.launcher.setup)
-        )
-    ]
+    _, setup = _named(plan)
+    # A setup line is shell code: run from the variable with eval, as if written here.
+    lines = [f"eval {_from_env(n)}" if _holds_secret(line) else line for n, line in setup]
     return "\n".join(lines) if lines else "# (none)"
 
 
