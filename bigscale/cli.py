@@ -37,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         if command == "export":
             return _export(rest)
     except BigscaleError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from bigscale.config.redact import redact_text
+
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return exc.exit_code
     print(f"error: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
 
 def _train(args: list[str]) -> int:
+    from bigscale.config.redact import redact_text
     from bigscale.config.schema import LauncherKind
     from bigscale.launch import preflight, slurm
     from bigscale.launch.local import launch, prepare
@@ -58,7 +61,7 @@ def _train(args: list[str]) -> int:
         prepare(plan)
     for i, plan in enumerate(plans):
         header = f"job {i + 1}/{len(plans)}\n" if multirun else ""
-        print(header + render(plan, with_memory=False), flush=True)
+        print(header + redact_text(render(plan, with_memory=False)), flush=True)
         if plan.kind is LauncherKind.slurm:
             slurm.submit(plan)  # queued, not waited for; an error raises
             continue
@@ -75,6 +78,7 @@ def _train(args: list[str]) -> int:
 
 
 def _plan(args: list[str]) -> int:
+    from bigscale.config.redact import redact_text
     from bigscale.config.schema import LauncherKind
     from bigscale.launch import preflight, slurm
     from bigscale.launch.plan import render, with_data_stats
@@ -84,7 +88,7 @@ def _plan(args: list[str]) -> int:
     for plan in plan_jobs(overrides, multirun):
         _warn(preflight.check(plan, submitting=False))
         preflight.check_data(plan.cfg)
-        print(render(with_data_stats(plan)))
+        print(redact_text(render(with_data_stats(plan))))
         if plan.kind is LauncherKind.slurm:
             print(f"\n# {slurm.script_path(plan)}, as `bigscale train` writes and submits it:")
             print(slurm.render_script(plan), end="")

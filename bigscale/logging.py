@@ -50,4 +50,8 @@ def log_to_file_only(message: str) -> None:
     directory says why the run stopped."""
     for handler in logging.getLogger(_ROOT).handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.emit(logging.LogRecord(_ROOT, logging.ERROR, __file__, 0, message, None, None))
+            # emit() skips the handler's filters, the redacting one included.
+            record = logging.LogRecord(
+                _ROOT, logging.ERROR, __file__, 0, redact_text(message), None, None
+            )
+            handler.emit(record)

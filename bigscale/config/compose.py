@@ -17,6 +17,12 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bigscale.config.redact import (
+    redact,
+    redact_text,
+    remember_env_values,
+    secret_env_names,
+)
 from bigscale.config.schema import TrainConfig
 from bigscale.errors import ConfigError
 from bigscale.home import bigscale_home
@@ -52,11 +58,40 @@ def compose_raw(overrides: list[str], conf_dir: Path | None = None) -> DictConfi
         )
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
+            cfg = compose(config_name="train", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(_explain(exc)) from None
     finally:
         GlobalHydra.instance().clear()
+    _remember_env_values(cfg)
+    return cfg
+
+
+def _remember_env_values(cfg: DictConfig) -> None:
+    """Tell the redactor which values came from secret ``${oc.env:...}`` interpolations: after
+    resolution nothing marks them, so the raw nodes are inspected here, before it."""
+    keys: list[str] = []
+    values: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}.{i}")
+        elif isinstance(node, str) and (names := secret_env_names(node)):
+            keys.append(path)
+            values.extend(os.environ[n] for n in names if os.environ.get(n))
+            try:
+                resolved = OmegaConf.select(cfg, path, throw_on_missing=False)
+            except OmegaConfBaseException:
+                return  # an unset variable without default: to_typed reports it
+            if isinstance(resolved, str):
+                values.append(resolved)
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    remember_env_values(keys, values)
 
 
 def to_typed(cfg: DictConfig) -> TrainConfig:
@@ -82,7 +117,8 @@ def _explain(exc: BaseException) -> str:
     text = _strip_noise(text)
     key = getattr(exc, "full_key", None) or getattr(cause, "full_key", None)
     hint = _suggest(key) if key else ""
-    return f"invalid configuration: {text}{hint}"
+    # A value that failed to convert is quoted in the message; it may be a secret from the env.
+    return redact_text(f"invalid configuration: {text}{hint}")
 
 
 def _strip_noise(text: str) -> str:
@@ -121,7 +157,10 @@ def to_plain_dict(cfg: TrainConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
-def to_yaml(cfg: TrainConfig) -> str:
-    from bigscale.config.redact import redact
+def to_redacted_dict(cfg: TrainConfig) -> dict:
+    """``to_plain_dict`` with secrets replaced: what config.yaml holds and W&B receives."""
+    return redact(to_plain_dict(cfg))
 
-    return OmegaConf.to_yaml(OmegaConf.create(redact(to_plain_dict(cfg))))
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_redacted_dict(cfg)))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bigscale.config.schema import DataConfig, DataStyle
+from bigscale.data.literal import encode_with_literal_spans, holds_special, special_strings
 from bigscale.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100
@@ -209,7 +210,14 @@ def encode_chat(
         if end > start:
             spans.append((start, end))
 
+    literal = _literal_spans(tokenizer, messages, full, index)
     if not getattr(tokenizer, "is_fast", False):
+        if literal:
+            raise DataError(
+                f"{_where(index)}: a message holds a special-token string of the tokenizer "
+                f"({', '.join(special_strings(tokenizer))}), which bigscale tokenizes as text only "
+                "with a fast tokenizer; use the model's fast tokenizer or remove the string."
+            )
         # Python tokenizers have no character offsets: use token counts of the rendered prefixes.
         ids = _tokens(tokenizer, full)
         labels = [IGNORE_INDEX] * len(ids)
@@ -218,13 +226,47 @@ def encode_chat(
             labels[lo:hi] = ids[lo:hi]
         return ids, labels
     # A token carries loss when it starts inside an assistant span.
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    ids, offsets = encode_with_literal_spans(tokenizer, full, literal)
     labels = [
         tok if any(s <= start < e for s, e in spans) else IGNORE_INDEX
         for tok, (start, _) in zip(ids, offsets, strict=True)
     ]
     return ids, labels
+
+
+def _literal_spans(
+    tokenizer: Any, messages: list[dict], full: str, index: int | str | None
+) -> list[tuple[int, int]]:
+    """Where, in the rendered ``full`` text, the messages that hold a special-token string have
+    their content; those characters are tokenized as text (``bigscale.data.literal``).
+
+    Found by rendering: the conversation up to the message starts its block; the message with
+    empty content renders the same up to where the content goes (the last place at or before
+    the two renderings part where the content is found). Templates that trim the content are
+    matched on the trimmed text."""
+    found = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, str) or not holds_special(tokenizer, content):
+            continue
+        block = _common_prefix(render(tokenizer, messages[:i], False, index), full) if i else 0
+        empty = [*messages[:i], {**m, "content": ""}]
+        parted = _common_prefix(render(tokenizer, empty, False, index), full)
+        end = _common_prefix(render(tokenizer, messages[: i + 1], False, index), full)
+        for text in dict.fromkeys((content, content.strip())):
+            start = full.rfind(text, block, parted + len(text))
+            if start < 0:
+                start = full.find(text, block, max(end, block))
+            if start >= 0:
+                found.append((start, start + len(text)))
+                break
+        else:
+            raise DataError(
+                f"{_where(index)}: message {i} holds a special-token string of the tokenizer, "
+                "and the chat template changes the message's text, so bigscale cannot keep "
+                "that string as text; remove it from the message."
+            )
+    return found
 
 
 def turn_end_marker(tokenizer: Any) -> str:

@@ -25,10 +25,12 @@ from bigscale.data.chat import (
     encode_chat,
     require_chat_template,
 )
+from bigscale.data.literal import text_ids
 from bigscale.errors import DataError
 
 # Bump when the encoding changes, so caches written by an older bigscale are not reused.
-_ENCODING_VERSION = 1
+# 2: special-token strings in the data are tokenized as text.
+_ENCODING_VERSION = 2
 
 # Per-example outcome, kept in a temporary column so the report survives cache hits.
 _KEPT, _TRUNCATED, _DROPPED_OVERLONG, _DROPPED_NO_LOSS = 0, 1, 2, 3
@@ -64,8 +66,9 @@ class TokenizeReport:
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:
-    # Special tokens are placed explicitly by each style, never by the tokenizer's post-processor.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # Special tokens are placed explicitly by each style, never by the tokenizer's
+    # post-processor, nor by a "</s>" written in the data (bigscale.data.literal).
+    return text_ids(tokenizer, text)
 
 
 def _field(example: dict, column: str, key: str, index: int | None) -> Any:

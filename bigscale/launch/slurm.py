@@ -17,11 +17,14 @@ import sys
 from pathlib import Path
 from string import Template
 
+from bigscale.config.redact import redact_text
 from bigscale.errors import ConfigError, LaunchError
 from bigscale.launch.node import common_env, node_script, repo_file
 from bigscale.launch.plan import Plan
 
 TEMPLATE = "slurm/train.sbatch"
+SECRET_ENV = "BIGSCALE_SECRET_"
+_MISSING = "a setting holding a secret; submit with bigscale train, which sets it"
 _NEEDS_QUOTES = re.compile(r"[\s\"'#]")
 _SPECIAL_IN_DOUBLE_QUOTES = re.compile(r"[\"$`\\!]")
 
@@ -44,7 +47,7 @@ def render_script(plan: Plan) -> str:
         # node's torchrun and all its ranks would share one CPU.
         srun_options = f" --cpus-per-task={lc.cpus_per_task}"
     values = {
-        "job_name": _sbatch_value(lc.job_name or f"bigscale-{plan.cfg.experiment}"),
+        "job_name": _sbatch_value(redact_text(lc.job_name or f"bigscale-{plan.cfg.experiment}")),
         "nodes": str(topo.max_nodes),
         "resources": "\n".join(_resource_lines(plan)),
         "signal": (
@@ -58,12 +61,60 @@ def render_script(plan: Plan) -> str:
         "nproc_per_node": shell_quote(env["BIGSCALE_NPROC_PER_NODE"]),
         "max_restarts": shell_quote(env["BIGSCALE_MAX_RESTARTS"]),
         "python": shell_quote(sys.executable),
-        "setup": "\n".join(lc.setup) if lc.setup else "# (none)",
+        "setup": _setup(plan),
         "srun_options": srun_options,
         "node_sh": shell_quote(str(plan.run_dir / "node.sh")),
-        "overrides": " \\\n".join(f"    {shell_quote(o)}" for o in plan.rank_overrides),
+        "secrets": _secrets_note(plan),
+        "overrides": " \\\n".join(f"    {word}" for word in _override_words(plan)),
     }
     return Template(repo_file(TEMPLATE).read_text()).substitute(values)
+
+
+def _named(plan: Plan) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Each override and ``launcher.setup`` line with the variable that would carry it."""
+    overrides = [(f"{SECRET_ENV}OVERRIDE_{i}", o) for i, o in enumerate(plan.rank_overrides)]
+    setup = [(f"{SECRET_ENV}SETUP_{i}", line) for i, line in enumerate(plan.cfg.launcher.setup)]
+    return overrides, setup
+
+
+def _holds_secret(text: str) -> bool:
+    return redact_text(text) != text
+
+
+def job_secrets(plan: Plan) -> dict[str, str]:
+    """The overrides and ``launcher.setup`` lines that carry a secret, by the environment
+    variable that brings each to the job.
+
+    The script is kept in the run directory and printed by ``bigscale plan``, so it must not hold
+    them; sbatch copies the submitting environment into the job (``--export=ALL``, its default)
+    and keeps it for every requeue, so the job reads them from there."""
+    overrides, setup = _named(plan)
+    return {name: text for name, text in overrides + setup if _holds_secret(text)}
+
+
+def _from_env(name: str) -> str:
+    # ':?' stops the job with this message when the script is submitted by hand without it.
+    return f'"${{{name}:?{_MISSING}}}"'
+
+
+def _override_words(plan: Plan) -> list[str]:
+    overrides, _ = _named(plan)
+    return [_from_env(n) if _holds_secret(o) else shell_quote(o) for n, o in overrides]
+
+
+def _setup(plan: Plan) -> str:
+    _, setup = _named(plan)
+    # A setup line is shell code: run from the variable with eval, as if written here.
+    lines = [f"eval {_from_env(n)}" if _holds_secret(line) else line for n, line in setup]
+    return "\n".join(lines) if lines else "# (none)"
+
+
+def _secrets_note(plan: Plan) -> str:
+    lines = [
+        f"# ${name}: {redact_text(text)}  (set by `bigscale train` when it submits)"
+        for name, text in job_secrets(plan).items()
+    ]
+    return "\n".join(lines) if lines else "# (none)"
 
 
 def shell_quote(word: str) -> str:
@@ -134,7 +185,11 @@ def submit(plan: Plan) -> int:
     sbatch = require_sbatch()
     script = write_job(plan)
     proc = subprocess.run(
-        [sbatch, "--parsable", str(script)], capture_output=True, text=True, check=False
+        [sbatch, "--parsable", str(script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **job_secrets(plan)},
     )
     if proc.returncode != 0:
         reason = proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}"

@@ -51,30 +51,27 @@ class WandbSink:
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]):
         import wandb
 
-        # W&B records the command line as run metadata; it may carry a token given as an
-        # override, so it sees a redacted copy.
+        # W&B records the command line (``sys.argv``, read while it starts) in the run's metadata
+        # (run-*.wandb, wandb-metadata.json); an override may carry a token, so it reads a
+        # redacted copy. Everything else it is given is redacted here too.
         argv = sys.argv
         sys.argv = [redact_text(a) for a in argv]
         try:
-            self.run = self._init(wandb, cfg, run_dir, config)
+            self.run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                name=redact(cfg.name, "name", "logger.name") or redact_text(run_dir.name),
+                group=redact(cfg.group, "group", "logger.group"),
+                tags=redact(list(cfg.tags), "tags", "logger.tags"),
+                config=redact(config),
+                dir=str(run_dir),
+                mode=cfg.mode.value,
+                id=_run_id(run_dir),
+                resume="allow",
+                settings=wandb.Settings(silent=True, console="off", disable_code=True),
+            )
         finally:
             sys.argv = argv
-
-    @staticmethod
-    def _init(wandb: Any, cfg: LoggerConfig, run_dir: Path, config: dict[str, Any]) -> Any:
-        return wandb.init(
-            project=cfg.project,
-            entity=cfg.entity,
-            name=redact_text(cfg.name or run_dir.name),
-            group=redact_text(cfg.group) if cfg.group else None,
-            tags=[redact_text(t) for t in cfg.tags],
-            config=redact(config),
-            dir=str(run_dir),
-            mode=cfg.mode.value,
-            id=_run_id(run_dir),
-            resume="allow",
-            settings=wandb.Settings(silent=True, console="off"),
-        )
 
     def log(self, row: dict[str, Any]) -> None:
         step = row.get("step")

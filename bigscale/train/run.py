@@ -11,6 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from bigscale.config.compose import compose_config, to_yaml
+from bigscale.config.redact import redact_text
 from bigscale.config.schema import TrainConfig
 from bigscale.config.validate import Hardware, validate
 from bigscale.dist.env import DistEnv
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         run_rank(overrides)
     except BigscaleError as exc:
         if DistEnv.from_environ().is_main:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {redact_text(str(exc))}", file=sys.stderr)
             log_to_file_only(f"error: {exc}")
         return exc.exit_code
     return 0

@@ -20,17 +20,26 @@ from tests.slurm.cluster import SlurmCluster
 JOB = [*[q for q in QUICK if not q.startswith("logger=")], "logger=wandb", "logger.mode=offline"]
 
 
-def _submit(cluster: SlurmCluster, home: Path, cwd: Path, run_dir: Path, *extra: str) -> str:
+def _submit(
+    cluster: SlurmCluster,
+    home: Path,
+    cwd: Path,
+    run_dir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> str:
     args = ["train", "launcher=slurm", "launcher.nproc_per_node=2", f"run_dir={run_dir}"]
     proc = subprocess.run(
         [sys.executable, "-m", "bigscale.cli", *args, *JOB, *extra],
         cwd=cwd,
-        env={**env_for(home), **cluster.env},
+        env={**env_for(home), **cluster.env, **(env or {})},
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, explain(proc)
+    for sentinel in SENTINELS:
+        assert sentinel not in proc.stdout + proc.stderr, sentinel
     found = re.search(r"submitted Slurm job (\d+)\nlog +(\S+)", proc.stdout)
     assert found, proc.stdout
     assert Path(found[2]) == run_dir / f"slurm-{found[1]}.out"
@@ -54,11 +63,26 @@ def _fields(run_dir: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in train_rows(run_dir)]
 
 
+# The uninterrupted job also carries secrets in its overrides: a token-shaped tag and the value
+# of a secret-named variable. The script in the run directory must not hold them, yet the job
+# must get them (from the environment sbatch saved: the script stops at once when they are not
+# there).
+SENTINELS = ["sk-live-SENTINEL123", "envkeySENTINEL321"]
+SECRET_ARGS = [f"logger.tags=[{SENTINELS[0]}]", f"logger.group=g-{SENTINELS[1]}"]
+
+
 @pytest.fixture(scope="module")
 def straight(slurm_cluster: SlurmCluster, bigscale_home: Path, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("slurm_straight")
     run_dir = work / "run"
-    job = _submit(slurm_cluster, bigscale_home, work, run_dir)
+    job = _submit(
+        slurm_cluster,
+        bigscale_home,
+        work,
+        run_dir,
+        *SECRET_ARGS,
+        env={"MY_API_KEY": SENTINELS[1]},
+    )
     state = slurm_cluster.wait_job(job, timeout=400)
     assert state == "COMPLETED", (state, _slurm_log(run_dir, job)[-6000:])
     return run_dir
@@ -70,11 +94,28 @@ def test_submitted_job_trains_to_the_end(straight: Path) -> None:
     assert (straight / "train.sbatch").is_file() and (straight / "node.sh").is_file()
 
 
+def test_secret_overrides_reach_the_job_but_no_file(straight: Path) -> None:
+    script = (straight / "train.sbatch").read_text()
+    assert "BIGSCALE_SECRET_OVERRIDE_" in script  # read from the job's environment
+    files = [p for p in straight.rglob("*") if p.is_file()]  # slurm-*.out and W&B's included
+    for sentinel in SENTINELS:
+        leaked = [p for p in files if sentinel.encode() in p.read_bytes()]
+        assert not leaked, (sentinel, leaked)
+
+
 def test_warned_job_checkpoints_requeues_and_resumes_exactly(
     slurm_cluster: SlurmCluster, straight: Path, bigscale_home: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    job = _submit(slurm_cluster, bigscale_home, tmp_path, run_dir)
+    # With the secret overrides too: the requeued attempt gets them from the saved environment.
+    job = _submit(
+        slurm_cluster,
+        bigscale_home,
+        tmp_path,
+        run_dir,
+        *SECRET_ARGS,
+        env={"MY_API_KEY": SENTINELS[1]},
+    )
     _wait_for_checkpoint(slurm_cluster, job, run_dir, "step_00000008")
     slurm_cluster.run(["scancel", "--signal=USR1", job])
     state = slurm_cluster.wait_job(job, timeout=400)
