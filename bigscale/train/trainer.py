@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bigscale.checkpoint.compat import changes, fingerprint
+from bigscale.checkpoint.compat import changes, data_contents, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
@@ -57,6 +57,8 @@ class Trainer:
         set_chat_template(self.tokenizer, cfg.data)  # before tokenizing: cache keys hash it
         # Data before the model: a broken dataset should fail before minutes of model loading.
         self.data = DataFeed(cfg, env, self.tokenizer, run_dir)
+        # What the checkpoints record of the data, so a resume on new contents is refused.
+        self.data_contents = data_contents(cfg.data, self.data.data.data_ids)
         if cfg.trainer.epochs is not None:  # before the engine: the lr schedule needs it
             cfg.trainer.max_steps = self.data.steps_for_epochs()
 
@@ -108,7 +110,7 @@ class Trainer:
         if point is None:
             return
         saved = json.loads((point / META).read_text()).get("fingerprint", {})
-        changed = changes(saved, fingerprint(self.cfg, self.env.world_size))
+        changed = changes(saved, self._fingerprint())
         if changed and not self.cfg.checkpoint.allow_config_change:
             raise CheckpointError(
                 f"refusing to resume from {point}: the run's settings changed ("
@@ -288,12 +290,20 @@ class Trainer:
         return final
 
     def export(self, out_dir: Path) -> None:
-        """Rank 0 streams the final checkpoint into a Hugging Face directory, as ``bigscale
-        export`` would; the other ranks are done (no collective follows), so none waits on a
-        long export with a collective timeout running."""
+        """Rank 0 checks the final checkpoint against its manifest and streams it into a Hugging
+        Face directory, as ``bigscale export`` does; the other ranks are done (no collective
+        follows), so none waits on a long export with a collective timeout running."""
         if self.env.is_main:
             e = self.cfg.export
-            export_checkpoint(self.checkpoints.root, out_dir, e.max_shard_size, e.merge_lora)
+            found = export_checkpoint(
+                self.checkpoints.root,
+                out_dir,
+                e.max_shard_size,
+                e.merge_lora,
+                sha256=self.cfg.checkpoint.verify,
+            )
+            for note in found.notes:
+                log.warning("export: %s", note)
 
     def save_checkpoint(self, force: bool) -> None:
         """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps
@@ -305,10 +315,13 @@ class Trainer:
     def _meta(self) -> dict[str, object]:
         return {
             "step": self.step,
-            "fingerprint": fingerprint(self.cfg, self.env.world_size),
+            "fingerprint": self._fingerprint(),
             "versions": package_versions(),
             "early_stopping": self.early_stop.state_dict(),
         }
+
+    def _fingerprint(self) -> dict[str, object]:
+        return fingerprint(self.cfg, self.env.world_size, self.data_contents)
 
     def _write_hf_files(self, directory: Path) -> None:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
