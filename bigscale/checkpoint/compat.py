@@ -5,20 +5,47 @@ resumed run something other than a continuation; the user gets the list of what 
 can say it is intended with ``checkpoint.allow_config_change=true``. Other settings (max_steps,
 logging, eval cadence) may change freely, and so may how the global batch is split into micro
 batch x accumulation x ranks, as long as the product stays: every step still takes the same
-samples, so a run may resume on another number of ranks."""
+samples, so a run may resume on another number of ranks.
+
+The data is compared by content as well as by path: new contents under an old path are another
+dataset. Its key is the one the tokenization cache names the data by (``files_fingerprint`` for
+local files; ``datasets``' fingerprint, which follows the revision, for a hub dataset). A hub
+dataset read as a stream has no such key without downloading it, so only its name is compared.
+A checkpoint written before the key existed lacks it, and a missing key is not a change."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bigscale.config.schema import FinetuneConfig, FinetuneMethod, TrainConfig
+from bigscale.config.schema import DataConfig, FinetuneConfig, FinetuneMethod, TrainConfig
 
 GLOBAL_BATCH = "global batch (micro_batch_size x grad_accum x ranks)"
 LAYOUT = ("trainer.micro_batch_size", "trainer.grad_accum", "ranks")
 """The factors of the global batch: free to change while it stays, shown when it does not."""
+CONTENTS = "contents of "
+"""Prefix of the fingerprint keys holding a source's content key (``contents of data.path``)."""
 
 
-def fingerprint(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+def data_contents(cfg: DataConfig, known: dict[str, str]) -> dict[str, str]:
+    """The content key of each training source, by the config key naming its path: the ones
+    the data pipeline computed (``known``), else the hash of its local files (a stream's);
+    none for a streamed hub dataset."""
+    from bigscale.data.mixture import files_fingerprint, mixture_sources
+    from bigscale.data.sources import is_hub, resolve_files
+
+    out = {}
+    for source in mixture_sources(cfg):
+        if source.key in known:
+            out[source.key] = known[source.key]
+        elif not is_hub(source.cfg):
+            out[source.key] = files_fingerprint(resolve_files(source.cfg.path))
+    return out
+
+
+def fingerprint(
+    cfg: TrainConfig, world_size: int, contents: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """What a resume compares; ``contents``: ``data_contents``, computed once per run."""
     t = cfg.trainer
     return {
         "model.name_or_path": cfg.model.name_or_path,
@@ -29,6 +56,7 @@ def fingerprint(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "data.packing": cfg.data.packing,
         "data.streaming": cfg.data.streaming,
         "data.mixture": [[m.path, m.weight] for m in cfg.data.mixture],
+        **{f"{CONTENTS}{key}": value for key, value in (contents or {}).items()},
         GLOBAL_BATCH: t.global_batch(world_size),
         "trainer.micro_batch_size": t.micro_batch_size,
         "trainer.grad_accum": t.grad_accum,
@@ -56,7 +84,16 @@ def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     now = current.get(GLOBAL_BATCH)
     same_global_batch = saved.get(GLOBAL_BATCH, now) == now
     return [
-        f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
+        _describe(key, saved[key], value)
         for key, value in current.items()
         if key in saved and saved[key] != value and not (same_global_batch and key in LAYOUT)
     ]
+
+
+def _describe(key: str, saved: Any, now: Any) -> str:
+    if key.startswith(CONTENTS):
+        return (
+            f"the contents of {key.removeprefix(CONTENTS)} changed since the checkpoint was "
+            f"written (content key {str(saved)[:12]} then, {str(now)[:12]} now)"
+        )
+    return f"{key}: {saved!r} in the checkpoint, {now!r} now"

@@ -10,15 +10,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from bigscale.checkpoint.select import (
+    LATEST,
+    MANIFEST,
+    check_files,
+    complete_tags,
+    select_resume_point,
+)
+from bigscale.checkpoint.storage import storage_failure
+from bigscale.errors import CheckpointError
 from bigscale.logging import get_logger
 
 log = get_logger(__name__)
@@ -112,33 +123,89 @@ def _identity(tensor: object) -> tuple:
 HF_SUBDIR = "hf"
 
 
-def find_checkpoint(source: Path) -> tuple[Path, str]:
-    """(checkpoint root, tag) for a run directory, a checkpoints/ folder or one checkpoint."""
+@dataclass(frozen=True)
+class Found:
+    root: Path
+    tag: str
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about the choice: damaged checkpoints passed over, a
+    ``latest`` naming a checkpoint that is not there."""
+
+    @property
+    def directory(self) -> Path:
+        return self.root / self.tag
+
+
+def find_checkpoint(source: Path, sha256: bool = True) -> Found:
+    """The intact checkpoint to export from a run directory, a checkpoints/ folder or one
+    checkpoint, checked against its manifest (sizes, and contents with ``sha256``).
+
+    One named checkpoint must be intact. A run directory gives the newest intact complete one
+    (the choice ``resume=auto`` makes), saying which newer ones it passed over and why."""
     source = Path(source)
+    if (source / MANIFEST).is_file() or any(source.glob("*model_states.pt")):
+        problem = check_files(source, sha256)
+        if problem:
+            raise CheckpointError(f"refusing to export {source}: {problem}")
+        return Found(source.parent, source.name)
     for root in (source / "checkpoints", source):
-        latest = root / "latest"
-        if latest.is_file():
-            return root, latest.read_text().strip()
-    if any(source.glob("*model_states.pt")):
-        return source.parent, source.name
-    raise FileNotFoundError(
-        f"no checkpoint under {source}: expected a run directory (with checkpoints/latest), a "
-        "checkpoints/ folder, or a checkpoint directory holding *model_states.pt"
+        latest = root / LATEST
+        if not (latest.is_file() or complete_tags(root)):
+            continue
+        choice = select_resume_point(root, "auto", sha256)
+        notes = [f"skipped {p.tag}, which is damaged: {p.message}" for p in choice.skipped]
+        named = latest.read_text().strip() if latest.is_file() else None
+        if choice.point is None:
+            why = "; ".join(notes) if notes else f"{root} holds no complete checkpoint"
+            if named and not (root / named).is_dir():
+                why = f"{latest} names {named}, which does not exist; " + why
+            raise CheckpointError(f"no intact checkpoint to export under {root}: {why}")
+        tag = choice.point.name
+        if named and named != tag and not (root / named).is_dir():
+            notes.append(f"{latest} names {named}, which does not exist")
+        if notes:
+            notes.append(f"exporting {tag}, the newest intact checkpoint")
+        return Found(root, tag, notes)
+    raise CheckpointError(
+        f"no checkpoint under {source}: expected a run directory (with checkpoints/), a "
+        "checkpoints/ folder, or a checkpoint directory (with manifest.json)"
     )
 
 
 def export_checkpoint(
-    source: Path, out_dir: Path, max_shard_size: str = "2GB", merge_lora: bool = False
-) -> Path:
-    """A checkpoint (any ZeRO stage) to a Hugging Face directory, on one CPU process, in the
-    dtype the model was trained in. A LoRA checkpoint gives the adapter in peft's layout, or
-    with ``merge_lora`` the base model with the adapter merged in."""
+    source: Path,
+    out_dir: Path,
+    max_shard_size: str = "2GB",
+    merge_lora: bool = False,
+    sha256: bool = True,
+) -> Found:
+    """A checkpoint (any ZeRO stage), verified first (see ``find_checkpoint``), to a Hugging
+    Face directory, on one CPU process, in the dtype the model was trained in. A LoRA
+    checkpoint gives the adapter in peft's layout, or with ``merge_lora`` the base model with
+    the adapter merged in. Returns what it exported, with notes for the caller to show;
+    refusals are CheckpointErrors."""
+    found = find_checkpoint(source, sha256)
+    try:
+        _export(found.root, found.tag, Path(out_dir), max_shard_size, merge_lora)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refusing to load {found.directory}: it holds objects other than tensors and plain "
+            f"data, which could run code ({str(exc).splitlines()[0]})"
+        ) from None
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename).is_relative_to(found.root):
+            raise  # reading the verified checkpoint failed: not a user's mistake
+        reason = storage_failure(exc, Path(out_dir)) or f"{exc.strerror or exc}"
+        raise CheckpointError(f"cannot write the export to {out_dir}: {reason}") from None
+    return found
+
+
+def _export(root: Path, tag: str, out_dir: Path, max_shard_size: str, merge_lora: bool) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from bigscale.dist.ds_files import lazy_consolidated_weights
     from bigscale.model.lora import is_lora_checkpoint
 
-    root, tag = find_checkpoint(source)
     hf_dir = root / tag / HF_SUBDIR
     config = AutoConfig.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -160,13 +227,12 @@ def export_checkpoint(
             tokenizer.save_pretrained(staging)
         what = "merged model" if merge_lora else "LoRA adapter"
         log.info("exported %s/%s to %s (%s)", root, tag, out_dir, what)
-        return Path(out_dir)
+        return
     with atomic_dir(out_dir) as staging:
         shards = write_weights(weights, staging, _dtype(config), parse_size(max_shard_size))
         config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     log.info("exported %s/%s to %s (%d weight file(s))", root, tag, out_dir, shards)
-    return Path(out_dir)
 
 
 def _dtype(config: object) -> torch.dtype | None:

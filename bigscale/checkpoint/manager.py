@@ -9,31 +9,37 @@ A job killed at any moment leaves either the previous complete checkpoint or the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
+from bigscale.checkpoint.select import (
+    LATEST,
+    MANIFEST,
+    META,
+    PARTIAL,
+    Problem,
+    _sha256,
+    check_files,
+    complete_tags,
+    select_resume_point,
+    tag_for,
+)
+from bigscale.checkpoint.storage import storage_failure
 from bigscale.config.schema import CheckpointConfig
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError, DivergenceError
 from bigscale.logging import get_logger
 
 log = get_logger(__name__)
-
-MANIFEST = "manifest.json"
-META = "meta.json"
-LATEST = "latest"
-PARTIAL = ".partial-"
 
 
 class ShardedState(Protocol):
@@ -50,20 +56,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    return int(tag.rsplit("_", 1)[1])
-
-
-@dataclass(frozen=True)
-class Problem:
-    tag: str
-    message: str
 
 
 class CheckpointManager:
@@ -107,31 +99,86 @@ class CheckpointManager:
                 "with a lower optim.lr, or check the model's initial weights"
             )
         partial = self.root / f"{PARTIAL}{tag}"
-        if self.env.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-        _barrier()
-        sharded.save_checkpoint(self.root, partial.name)
-        # Plain containers only, so loading can insist on weights_only=True.
-        torch.save(state.state_dict(), partial / f"train_state_rank{self.env.rank:05d}.pt")
-        if self.env.is_main:
-            (partial / META).write_text(json.dumps({**meta(), "world_size": self.env.world_size}))
-            if extra_files is not None:
-                extra_files(partial)
-        _barrier()
+
+        def start() -> None:
+            if self.env.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+
+        def write_shards() -> None:
+            try:
+                sharded.save_checkpoint(self.root, partial.name)
+            except (OSError, RuntimeError):
+                # DeepSpeed's save ends in a barrier the ranks that wrote their part wait in;
+                # meet them there, so the agreement below pairs with theirs.
+                _barrier()
+                raise
+            # Plain containers only, so loading can insist on weights_only=True.
+            torch.save(state.state_dict(), partial / f"train_state_rank{self.env.rank:05d}.pt")
+            if self.env.is_main:
+                (partial / META).write_text(
+                    json.dumps({**meta(), "world_size": self.env.world_size})
+                )
+                if extra_files is not None:
+                    extra_files(partial)
+
+        self._agree(tag, partial, start)
+        self._agree(tag, partial, write_shards)
         manifest = self._checksums(partial)
-        if self.env.is_main:
+        final = self.root / tag
+
+        def commit() -> None:
+            if not self.env.is_main:
+                return
             (partial / MANIFEST).write_text(json.dumps({"tag": tag, "files": manifest}, indent=1))
-            final = self.root / tag
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
-            _write_atomic(self.root / LATEST, tag)
+            try:
+                _write_atomic(self.root / LATEST, tag)
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)  # complete only once latest names it
+                raise
             self._rotate()
             log.info("checkpoint %s written (%d files)", final, len(manifest))
-        _barrier()
+
+        self._agree(tag, partial, commit)
         self._last_save = time.monotonic()
         self._last_saved_step = step
         return True
+
+    def _agree(self, tag: str, partial: Path, phase: Callable[[], None]) -> None:
+        """Run one phase of a save on every rank, then agree on its outcome (this stands in for
+        a barrier): a rank that could not write (a full disk, a read-only directory) makes
+        every rank stop with the same message, the partial directory removed and the last
+        complete checkpoint untouched, instead of the others waiting for it in a collective."""
+        failure: BaseException | None = None
+        mine: tuple[str, bool] | None = None
+        try:
+            phase()
+        except (OSError, RuntimeError) as exc:
+            failure = exc
+            storage = storage_failure(exc, self.root)
+            mine = (storage, True) if storage else (f"rank {self.env.rank}: {exc!r}", False)
+        found = [m for m in _all_gather(mine) if m]
+        if not found:
+            return
+        if self.env.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = self.root / LATEST
+        last = (
+            f"the last complete checkpoint ({latest.read_text().strip()}) is intact and a rerun "
+            "resumes from it"
+            if latest.is_file()
+            else "there is no earlier complete checkpoint"
+        )
+        cause, user_caused = next((m for m in found if not m[1]), found[0])
+        message = (
+            f"checkpoint {tag} could not be written: {cause}. Its partial directory was removed; "
+            f"{last}"
+        )
+        if not user_caused:  # not the storage: a bug, which keeps its traceback
+            raise RuntimeError(message) from failure
+        raise CheckpointError(message) from None
 
     def _checksums(self, directory: Path) -> dict[str, dict[str, Any]]:
         """Size and sha256 of every file, the hashing split across ranks."""
@@ -157,68 +204,27 @@ class CheckpointManager:
     # -- resuming -------------------------------------------------------------------------
 
     def complete_tags(self) -> list[str]:
-        """Tags with a manifest (written last), oldest first."""
-        if not self.root.is_dir():
-            return []
-        tags = [
-            p.name
-            for p in self.root.iterdir()
-            if p.is_dir() and p.name.startswith("step_") and (p / MANIFEST).is_file()
-        ]
-        return sorted(tags, key=step_of)
+        return complete_tags(self.root)
 
     def verify(self, tag: str) -> Problem | None:
         """A missing or truncated file (or, with ``verify``, a changed one), checked on all
         ranks in parallel; the same answer everywhere."""
-        directory = self.root / tag
-        problem: str | None = None
-        try:
-            files = json.loads((directory / MANIFEST).read_text())["files"]
-        except (OSError, ValueError, KeyError) as exc:
-            files, problem = {}, f"unreadable {MANIFEST} ({exc})"
-        names = sorted(files)
-        for name in names[self.env.rank :: self.env.world_size]:
-            path, expected = directory / name, files[name]
-            if not path.is_file():
-                problem = f"{path} is missing"
-            elif path.stat().st_size != expected["size"]:
-                problem = (
-                    f"{path} is truncated or changed ({path.stat().st_size} bytes, manifest "
-                    f"says {expected['size']})"
-                )
-            elif self.cfg.verify and _sha256(path) != expected["sha256"]:
-                problem = f"{path} does not match its checksum"
-            if problem:
-                break
+        return self._verify_dir(self.root / tag)
+
+    def _verify_dir(self, directory: Path) -> Problem | None:
+        share = (self.env.rank, self.env.world_size)
+        problem = check_files(directory, self.cfg.verify, share)
         found = [p for p in _all_gather(problem) if p]
-        return Problem(tag, found[0]) if found else None
+        return Problem(directory.name, found[0]) if found else None
 
     def resume_point(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: per ``resume`` (auto, never or a path), the newest one
-        that verifies, falling back past damaged ones and saying so."""
-        if resume == "never":
-            if self.complete_tags():
-                raise CheckpointError(
-                    f"resume=never but {self.root} already holds checkpoints "
-                    f"({', '.join(self.complete_tags())}); use a new run_dir or resume=auto"
-                )
-            return None
-        if resume != "auto":
-            path = Path(resume)
-            if not (path / MANIFEST).is_file():
-                raise CheckpointError(f"resume={resume}: not a complete bigscale checkpoint")
-            problem = CheckpointManager(path.parent, self.cfg, self.env).verify(path.name)
-            if problem:
-                raise CheckpointError(f"resume={resume}: {problem.message}")
-            return path
-        for tag in reversed(self.complete_tags()):
-            problem = self.verify(tag)
-            if problem is None:
-                return self.root / tag
-            log.warning(
-                "checkpoint %s is damaged: %s; trying the previous one", tag, problem.message
-            )
-        return None
+        """The checkpoint to resume from (see ``select_resume_point``), checked on all ranks in
+        parallel, saying which damaged ones it passed over."""
+        choice = select_resume_point(self.root, resume, self.cfg.verify, check=self._verify_dir)
+        for problem in choice.skipped:
+            tag, message = problem.tag, problem.message
+            log.warning("checkpoint %s is damaged: %s; trying the previous one", tag, message)
+        return choice.point
 
     def load(self, checkpoint: Path, sharded: ShardedState, state: Stateful) -> dict[str, Any]:
         """Restore the engine and this rank's training state; returns the checkpoint's meta.
@@ -244,14 +250,6 @@ class CheckpointManager:
                 f"data, which could run code ({str(exc).splitlines()[0]})"
             ) from None
         return meta
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, text: str) -> None:

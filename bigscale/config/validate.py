@@ -6,7 +6,10 @@ involved and what to set instead."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +67,7 @@ def resolve_nproc(value: str, hw: Hardware) -> int:
 
 def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
     """Raise ConfigError on the first impossible combination."""
+    _check_finite(cfg)
     _check_trainer(cfg, world_size)
     _check_strategy(cfg, hw)
     _check_optim(cfg)
@@ -168,12 +172,56 @@ def _check_user_deepspeed_json(path: Path) -> None:
         )
 
 
+def _check_finite(node: object, key: str = "") -> None:
+    """Every number in the config is finite: ``nan`` and ``inf`` parse as floats and slip past
+    range checks (``nan <= 0`` is false), then fail deep in torch."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, list | tuple):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{key}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        allowed = _FLOAT_RANGES.get(re.sub(r"\[\d+\]", "[]", key), "a finite number")
+        raise ConfigError(f"{key}={node} is not a finite number; allowed: {allowed}")
+
+
+# What each float setting may be, for the message when one is nan or inf.
+_FLOAT_RANGES = {
+    "optim.lr": "a positive number (typically 1e-5 to 1e-3)",
+    "optim.weight_decay": "0 (off) or a positive number",
+    "optim.beta1": "[0, 1)",
+    "optim.beta2": "[0, 1)",
+    "optim.eps": "a positive number (default 1e-8)",
+    "optim.min_lr_ratio": "[0, 1]",
+    "optim.grad_clip": "0 (off) or a positive number",
+    "trainer.loss_spike.factor": "a number above 1",
+    "trainer.epochs": "a positive number, or null",
+    "trainer.peak_tflops": "a positive number, or null",
+    "finetune.alpha": "a positive number",
+    "finetune.dropout": "[0, 1)",
+    "data.validation_fraction": "[0, 1)",
+    "data.mixture[].weight": "a positive number",
+    "model.create_if_missing.dropout": "[0, 1)",
+    "eval.early_stopping.min_delta": "0 or a positive number",
+    "dist.timeout_minutes": "a positive number of minutes",
+    "checkpoint.every_minutes": "0 (off) or a positive number of minutes",
+}
+
+
 def _check_optim(cfg: TrainConfig) -> None:
     o = cfg.optim
     if o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be positive")
+        raise ConfigError(f"optim.lr={o.lr:g} must be positive (a typical value: 1e-5 to 1e-3)")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay:g} must be 0 (off) or positive")
+    for name, beta in (("beta1", o.beta1), ("beta2", o.beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"optim.{name}={beta:g} must be in [0, 1)")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps={o.eps:g} must be positive (the default: 1e-8)")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
-        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be between 0 and 1")
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio:g} must be in [0, 1]")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be 0 or positive")
     # With trainer.epochs the steps come from the data: bigscale.config.derived checks them.
@@ -183,7 +231,7 @@ def _check_optim(cfg: TrainConfig) -> None:
             f"{cfg.trainer.max_steps})"
         )
     if o.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip={o.grad_clip} must be 0 (off) or positive")
+        raise ConfigError(f"optim.grad_clip={o.grad_clip:g} must be 0 (off) or positive")
 
 
 def _check_data(cfg: TrainConfig) -> None:

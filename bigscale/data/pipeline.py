@@ -60,6 +60,9 @@ class DataBundle:
     packed: bool = False
     """Rows hold several documents (and carry ``position_ids``)."""
     stream: TrainStream | None = None
+    data_ids: dict[str, str] = field(default_factory=dict)
+    """Content key of each source's data by config key (``data.path``, ``data.mixture[0].path``),
+    as the cache names it; a resume compares them (see ``checkpoint.compat``)."""
 
 
 def pad_token_id(tokenizer: Any) -> int:
@@ -201,6 +204,7 @@ def _prepare(
 ) -> tuple[DataBundle, dict]:
     prep = _Preparer(cfg, tokenizer, seed, cache, info)
     bundle = prep.bundle()
+    bundle.data_ids = dict(prep.ids)
     return bundle, {"ids": prep.ids}
 
 

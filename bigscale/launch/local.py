@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import subprocess
 
+from bigscale.checkpoint.select import complete_tags
+from bigscale.checkpoint.storage import check_writable
 from bigscale.config.compose import to_yaml
 from bigscale.config.schema import LauncherKind
 from bigscale.data.sources import preflight
@@ -13,12 +15,19 @@ from bigscale.train.assets import prepare_assets
 
 
 def prepare(plan: Plan) -> None:
-    """Everything that can fail cheaply, before any rank starts: files the presets create,
-    the data files' syntax and columns, and the run directory with its resolved config."""
+    """Everything that can fail cheaply, before any rank starts: a run directory that cannot
+    be written, files the presets create, the data files' syntax and columns, and the run
+    directory with its resolved config.
+
+    A run directory that already holds checkpoints keeps its config.yaml: rank 0 rewrites it
+    only once the ranks have accepted the resume (a refused one must not leave the new config
+    describing the old checkpoints)."""
+    check_writable(plan.run_dir)
     prepare_assets(plan.cfg)
     preflight(plan.cfg.data)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
-    (plan.run_dir / "config.yaml").write_text(to_yaml(plan.cfg))
+    if not complete_tags(plan.run_dir / "checkpoints"):
+        (plan.run_dir / "config.yaml").write_text(to_yaml(plan.cfg))
 
 
 def launch(plan: Plan, isolated: bool = False) -> int:

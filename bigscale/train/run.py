@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from bigscale.checkpoint.storage import check_writable
 from bigscale.config.compose import compose_config, to_yaml
 from bigscale.config.redact import redact_text
 from bigscale.config.schema import TrainConfig
@@ -36,15 +37,20 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
     try:
         run_dir = _agree_on_run_dir(cfg, env)
         setup_logging(env.rank, run_dir)
+        config_text = to_yaml(cfg)  # as composed, before the trainer derives anything
         if env.is_main:
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
             prepare_assets(cfg)
         _barrier()
         # Imported late: the trainer pulls in transformers/deepspeed, which the config checks
         # above do not need.
         from bigscale.train.trainer import Trainer
 
-        return Trainer(cfg, env, run_dir).fit()
+        trainer = Trainer(cfg, env, run_dir)
+        # Only once the resume decision passed: a refused resume leaves config.yaml describing
+        # the checkpoints beside it.
+        if env.is_main:
+            (run_dir / "config.yaml").write_text(config_text)
+        return trainer.fit()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -59,6 +65,7 @@ def _agree_on_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
     if env.world_size > 1:
         dist.broadcast_object_list(chosen, src=0)
     run_dir = Path(chosen[0])
+    check_writable(run_dir)  # also under a user's own torchrun, where no launcher checked
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.run_dir = str(run_dir)
     return run_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bigscale.checkpoint.compat import changes, fingerprint
+from bigscale.checkpoint.compat import changes, data_contents, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
@@ -62,10 +62,10 @@ class Trainer:
         self.shape = derive(cfg, env.world_size, self.data.stats)
         self._check_ranks_agree_on_steps()
         log.info("steps %s", self.shape.steps_text())
+        # What the checkpoints record of the data, so a resume on new contents is refused.
+        self.data_contents = data_contents(cfg.data, self.data.data.data_ids)
 
         ds_config = ds.build_ds_config(cfg, env.world_size, self.precision)
-        if env.is_main:  # what DeepSpeed is given, user JSON merged in: to compare with the plan
-            (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
         with ds.partitioned_model_init(ds_config):
             model = load_model(cfg.model, self.precision, self.tokenizer)
         if cfg.data.packing and not separates_packed_documents(model):
@@ -96,6 +96,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
         self.early_stop = EarlyStopper(cfg.eval.early_stopping)
         self.resume()
+        if env.is_main:  # what DeepSpeed is given, user JSON merged in: to compare with the plan
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
         self.metrics = MetricsLogger(
             run_dir, cfg.logger, to_plain_dict(cfg), env.is_main, resumed_at=self.state.step
         )
@@ -113,7 +115,7 @@ class Trainer:
         if point is None:
             return
         saved = json.loads((point / META).read_text()).get("fingerprint", {})
-        changed = changes(saved, fingerprint(self.cfg, self.env.world_size))
+        changed = changes(saved, self._fingerprint())
         if changed and not self.cfg.checkpoint.allow_config_change:
             raise CheckpointError(
                 f"refusing to resume from {point}: the run's settings changed ("
@@ -293,12 +295,20 @@ class Trainer:
         return final
 
     def export(self, out_dir: Path) -> None:
-        """Rank 0 streams the final checkpoint into a Hugging Face directory, as ``bigscale
-        export`` would; the other ranks are done (no collective follows), so none waits on a
-        long export with a collective timeout running."""
+        """Rank 0 checks the final checkpoint against its manifest and streams it into a Hugging
+        Face directory, as ``bigscale export`` does; the other ranks are done (no collective
+        follows), so none waits on a long export with a collective timeout running."""
         if self.env.is_main:
             e = self.cfg.export
-            export_checkpoint(self.checkpoints.root, out_dir, e.max_shard_size, e.merge_lora)
+            found = export_checkpoint(
+                self.checkpoints.root,
+                out_dir,
+                e.max_shard_size,
+                e.merge_lora,
+                sha256=self.cfg.checkpoint.verify,
+            )
+            for note in found.notes:
+                log.warning("export: %s", note)
 
     def save_checkpoint(self, force: bool) -> None:
         """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps
@@ -310,10 +320,13 @@ class Trainer:
     def _meta(self) -> dict[str, object]:
         return {
             "step": self.step,
-            "fingerprint": fingerprint(self.cfg, self.env.world_size),
+            "fingerprint": self._fingerprint(),
             "versions": package_versions(),
             "early_stopping": self.early_stop.state_dict(),
         }
+
+    def _fingerprint(self) -> dict[str, object]:
+        return fingerprint(self.cfg, self.env.world_size, self.data_contents)
 
     def _write_hf_files(self, directory: Path) -> None:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)

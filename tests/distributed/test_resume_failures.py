@@ -1,6 +1,7 @@
 """What a resume must survive or refuse, on copies of one real 2-rank ZeRO-2 run: a damaged
-newest checkpoint, a save cut off half way, a changed config, resume=never, a planted pickle;
-and a resumed run keeps logging into the same W&B run."""
+newest checkpoint, a save cut off half way, a changed config, new data under the old path,
+resume=never, a planted pickle; a resumed run keeps logging into the same W&B run; export
+refuses a damaged checkpoint; a disk that fills up during a save."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import json
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,21 @@ from tests.malicious import Payload
 
 pytestmark = pytest.mark.distributed
 
-ARGS = ["train", "strategy=zero2", "launcher.nproc_per_node=2", *QUICK, "logger.mode=offline"]
+# The data by relative paths, generated on first use in each run's working directory: a copy
+# of the run gets the same path and (the generator is seeded) the same contents, unless a test
+# writes other contents there.
+DATA = [
+    f"data.{key}=data/{name}.jsonl"
+    for key, name in (("path", "train"), ("validation_path", "validation"), ("test_path", "test"))
+]
+ARGS = [
+    "train",
+    "strategy=zero2",
+    "launcher.nproc_per_node=2",
+    *QUICK,
+    "logger.mode=offline",
+    *DATA,
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +99,10 @@ def test_config_change_is_refused_with_what_changed(
     original: Path, tmp_path: Path, bigscale_home: Path
 ) -> None:
     run = copy_run(original, tmp_path)
+    config = (run / "config.yaml").read_bytes()
     proc = resume(run, bigscale_home, "trainer.grad_accum=1")
     assert proc.returncode == 2, explain(proc)
+    assert (run / "config.yaml").read_bytes() == config  # still describes the checkpoints
     assert "refusing to resume" in proc.stderr
     assert "trainer.grad_accum: 2 in the checkpoint, 1 now" in proc.stderr
     assert "checkpoint.allow_config_change=true" in proc.stderr
@@ -143,3 +161,121 @@ def test_resume_takes_the_optimizer_settings_from_the_config(
     row = next(r for r in train_rows(run) if r["step"] == 26)
     # The lr logged with a step is the one the schedule set for the next step.
     assert row["lr"] == pytest.approx(1e-3 * lr_lambda(cfg.optim, 28)(26), rel=1e-9)
+
+
+def one_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """Exit 2 and exactly one ``error:`` line, no traceback; returns that line."""
+    assert proc.returncode == 2, explain(proc)
+    assert "Traceback" not in proc.stderr, explain(proc)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, explain(proc)
+    return errors[0]
+
+
+def run_record(run: Path) -> dict[Path, bytes]:
+    """What a run directory says about its training: config, metrics, checkpoints."""
+    files = [run / "config.yaml", run / "metrics.jsonl", *(run / "checkpoints").rglob("*")]
+    return {p: p.read_bytes() for p in files if p.is_file()}
+
+
+def test_new_data_under_the_same_path_is_refused_and_changes_nothing(
+    original: Path, tmp_path: Path, bigscale_home: Path
+) -> None:
+    run = copy_run(original, tmp_path)
+    shutil.copytree(original.parent / "data", tmp_path / "data")
+    train = tmp_path / "data" / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))  # one row less
+    before = run_record(run)
+
+    error = one_error(resume(run, bigscale_home))
+    assert "refusing to resume" in error
+    assert "the contents of data.path changed since the checkpoint was written" in error
+    assert "data.path:" not in error  # the path itself is the same
+    after = run_record(run)
+    assert after == before  # config.yaml, metrics and checkpoints byte for byte
+
+
+def export(source: Path, out: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    return bigscale(["export", str(source), "--out", str(out)], out.parent, home)
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    for i in range(middle, middle + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_export_refuses_a_damaged_checkpoint_and_a_run_falls_back(
+    original: Path, tmp_path: Path, bigscale_home: Path
+) -> None:
+    run = copy_run(original, tmp_path)
+    newest = run / "checkpoints" / "step_00000024"
+    shard = newest / "mp_rank_00_model_states.pt"
+    flip_bytes(shard)  # same size: only the checksum can tell
+
+    error = one_error(export(newest, tmp_path / "named", bigscale_home))
+    assert error == f"error: refusing to export {newest}: {shard} does not match its checksum"
+    assert not (tmp_path / "named").exists()
+
+    proc = export(run, tmp_path / "out", bigscale_home)
+    assert proc.returncode == 0, explain(proc)
+    assert f"warning: skipped step_00000024, which is damaged: {shard} does not match" in (
+        proc.stderr
+    )
+    assert "warning: exporting step_00000016, the newest intact checkpoint" in proc.stderr
+    assert f"exported {run / 'checkpoints' / 'step_00000016'} to {tmp_path / 'out'}" in proc.stdout
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_export_of_a_run_whose_latest_dangles(
+    original: Path, tmp_path: Path, bigscale_home: Path
+) -> None:
+    run = copy_run(original, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "step_00000024")  # latest still names it
+    proc = export(run, tmp_path / "out", bigscale_home)
+    assert proc.returncode == 0, explain(proc)
+    latest = run / "checkpoints" / "latest"
+    assert f"warning: {latest} names step_00000024, which does not exist" in proc.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    shutil.rmtree(run / "checkpoints" / "step_00000016")
+    error = one_error(export(run, tmp_path / "none", bigscale_home))
+    assert f"no intact checkpoint to export under {run / 'checkpoints'}" in error
+    assert "names step_00000024, which does not exist" in error
+
+
+def test_disk_full_during_a_save_is_one_error_and_keeps_the_last_checkpoint(
+    original: Path, tmp_path: Path, bigscale_home: Path
+) -> None:
+    """A real full filesystem: a tmpfs with room for one checkpoint and a half, so the save at
+    step 16 runs out of space (DeepSpeed's torch.save then says only "iostream error")."""
+    step = original / "checkpoints" / "step_00000024"
+    size = sum(f.stat().st_size for f in step.rglob("*") if f.is_file())
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5) + (1 << 20)}", "tmpfs", str(small)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        run = small / "run"
+        # Only the checkpoints on the small disk: the tokenized data and W&B elsewhere or off.
+        extra = [f"data.cache_dir={tmp_path / 'cache'}", "logger.mode=disabled"]
+        proc = bigscale([*ARGS, f"run_dir={run}", *extra], tmp_path, bigscale_home)
+        error = one_error(proc)
+        print(error)  # what the user reads, for the test log
+        assert error.startswith("error: checkpoint step_00000016 could not be written: no space ")
+        assert f"no space left on {small} (device tmpfs, tmpfs, " in error
+        assert "the last complete checkpoint (step_00000008) is intact" in error
+        root = run / "checkpoints"
+        assert not list(root.glob(".partial-*")), list(root.iterdir())
+        assert (root / "latest").read_text().strip() == "step_00000008"
+        assert sorted(p.name for p in root.glob("*step_*")) == ["step_00000008"]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)

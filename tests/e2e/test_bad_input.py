@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,21 @@ def sft_files(path: Path) -> list[str]:
             ["data.chat_template=chatmel"],
             ["data.chat_template='chatmel'", "one of chatml, llama3, zephyr, alpaca"],
             id="unknown-chat-template",
+        ),
+        pytest.param(
+            ["optim.lr=nan"],
+            ["optim.lr=nan is not a finite number", "allowed: a positive number"],
+            id="lr-nan",
+        ),
+        pytest.param(
+            ["optim.lr=inf"],
+            ["optim.lr=inf is not a finite number", "allowed: a positive number"],
+            id="lr-inf",
+        ),
+        pytest.param(
+            ["optim.beta2=1.0"],
+            ["optim.beta2=1 must be in [0, 1)"],
+            id="beta2-out-of-range",
         ),
         pytest.param(
             ["eval.metric_fn=no_such_metrics:score"],
@@ -232,3 +248,30 @@ def test_own_torchrun_rank_refuses_the_demo_preset_on_a_user_file(
     assert proc.stderr.count(f"error: data.path={corpus} is outside") == 1, explain(proc)
     assert "data=text_files" in proc.stderr
     assert corpus.read_bytes() == before
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """A read-only filesystem (a tmpfs mounted ``ro``): unlike ``chmod``, it stops root too."""
+    where = tmp_path / "read-only"
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1M", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {proc.stderr.strip()}")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_read_only_run_dir(read_only_dir: Path, tmp_path: Path, bigscale_home: Path) -> None:
+    run_dir = read_only_dir / "run"
+    proc = bigscale(["train", f"run_dir={run_dir}"], tmp_path, bigscale_home, timeout=TIMEOUT)
+    assert_user_error(
+        proc,
+        f"run_dir={run_dir} is not writable: Read-only file system",
+        "remount it read-write or set run_dir to a writable directory",
+    )

@@ -112,3 +112,48 @@ def test_user_deepspeed_json_syntax_error_names_line(tmp_path: Path) -> None:
     path.write_text('{\n  "zero_optimization": {\n    "stage": 2,\n  }\n}\n')
     with pytest.raises(ConfigError, match=rf"{path}:4"):
         check([f"strategy.deepspeed_config={path}"])
+
+
+FLOAT_KEYS = [
+    "optim.lr",
+    "optim.weight_decay",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.eps",
+    "optim.min_lr_ratio",
+    "optim.grad_clip",
+    "trainer.loss_spike.factor",
+    "trainer.epochs",
+    "trainer.peak_tflops",
+    "finetune.alpha",
+    "finetune.dropout",
+    "data.validation_fraction",
+    "eval.early_stopping.min_delta",
+    "dist.timeout_minutes",
+    "checkpoint.every_minutes",
+]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_numbers_are_refused_with_the_allowed_range(key: str, value: str) -> None:
+    """``nan`` slips past every ``x <= 0`` check; each float setting is refused by name."""
+    with pytest.raises(ConfigError, match=rf"^{key}={value} is not a finite number; allowed: "):
+        check([f"{key}={value}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=0", "optim.lr=0 must be positive"),
+        ("optim.weight_decay=-0.1", r"optim.weight_decay=-0.1 must be 0 \(off\) or positive"),
+        ("optim.beta1=1.0", r"optim.beta1=1 must be in \[0, 1\)"),
+        ("optim.beta2=-0.5", r"optim.beta2=-0.5 must be in \[0, 1\)"),
+        ("optim.eps=0", "optim.eps=0 must be positive"),
+        ("optim.min_lr_ratio=1.5", r"optim.min_lr_ratio=1.5 must be in \[0, 1\]"),
+        ("optim.grad_clip=-1", "optim.grad_clip=-1 must be 0"),
+    ],
+)
+def test_optimizer_settings_out_of_range(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check([override])
