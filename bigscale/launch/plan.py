@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bigscale.checkpoint.select import select_resume_point
 from bigscale.config.derived import DataStats, RunShape, derive
 from bigscale.config.redact import redact_text
 from bigscale.config.schema import LauncherKind, Precision, TrainConfig
@@ -225,25 +226,6 @@ def memory_estimate(plan: Plan) -> tuple[MemoryEstimate, Workload] | str:
     return estimate(shape, c.strategy, plan.precision, plan.world_size, work), work
 
 
-def resume_choice(cfg: TrainConfig, run_dir: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint the ranks will resume from and the newer ones they will skip as damaged,
-    by the resume rule itself (``CheckpointManager``: newest complete checkpoint whose manifest
-    verifies). A stand-in until the checkpoint module offers one selection function for both."""
-    from bigscale.checkpoint.manager import CheckpointManager
-    from bigscale.dist.env import DistEnv
-
-    manager = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, DistEnv())
-    if cfg.resume != "auto":
-        return manager.resume_point(cfg.resume), []
-    damaged: list[str] = []
-    for tag in reversed(manager.complete_tags()):
-        problem = manager.verify(tag)
-        if problem is None:
-            return manager.root / tag, damaged
-        damaged.append(f"{tag} is damaged: {problem.message}")
-    return None, damaged
-
-
 def render(plan: Plan, with_memory: bool = True) -> str:
     c = plan.cfg
     t = c.trainer
@@ -292,7 +274,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
 def _resume_lines(plan: Plan) -> list[str]:
     c = plan.cfg
     # resume=never refuses here a run directory that holds checkpoints, as the ranks would.
-    point, damaged = resume_choice(c, plan.run_dir)
+    choice = select_resume_point(plan.run_dir / "checkpoints", c.resume, c.checkpoint.verify)
+    point, damaged = choice.point, [f"{p.tag} is damaged: {p.message}" for p in choice.skipped]
     if point is not None:
         where = point.name if c.resume == "auto" else str(point)
         lines = [f"resume          from {where} (resume={c.resume})"]
