@@ -21,6 +21,7 @@ from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
+from bigscale.dist.watchdog import PROGRESS, StallWatchdog
 from bigscale.errors import CheckpointError
 from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
@@ -133,6 +134,17 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, float]:
+        # Armed from here to the final save: loading and tokenizing, which may take long, are done.
+        watchdog = StallWatchdog(
+            self.run_dir, self.env.rank, self.env.world_size, self.cfg.dist.timeout_minutes
+        )
+        watchdog.start()
+        try:
+            return self._fit(watchdog)
+        finally:
+            watchdog.stop()
+
+    def _fit(self, watchdog: StallWatchdog) -> dict[str, float]:
         summary: dict[str, float] = {}
         if self.task_examples and self.step == 0:
             summary.update(self._report_task_metric("before"))
@@ -145,6 +157,7 @@ class Trainer:
         if self.early_stop.stopped_at is not None:
             summary["early_stopped_at_step"] = float(self.early_stop.stopped_at)
         self.save_checkpoint(force=True)
+        watchdog.stop()  # only rank 0 exports, with no collective to wait in
         if self.cfg.export.at_end:
             self.export(self.run_dir / "export")
         self.metrics.log({"step": self.step, **{f"final/{k}": v for k, v in summary.items()}})
@@ -193,6 +206,7 @@ class Trainer:
         accum, w = self.cfg.trainer.grad_accum, self.window
         loss_sum, tokens, all_tokens = 0.0, 0, 0
         for _ in range(accum):
+            PROGRESS.mark("training", self.step)
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
@@ -211,6 +225,7 @@ class Trainer:
             tokens += int(batch["num_tokens"])
             all_tokens += int(batch["input_ids"].numel())
         self.state.step += 1
+        PROGRESS.mark("training", self.step)
         # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
         # learns of a stop signal any rank received, so all stop after the same step.
         total = self._all_reduce_sum(
@@ -238,6 +253,7 @@ class Trainer:
         for i, batch in enumerate(self.data.validation):
             if i >= limit:
                 break
+            PROGRESS.mark("evaluation")
             total += torch.tensor([float(self.engine.forward(batch)), 1.0], dtype=torch.float64)
         self.engine.train(True)
         total = self._all_reduce_sum(total)
@@ -257,6 +273,7 @@ class Trainer:
         return True
 
     def evaluate_task(self) -> dict[str, float]:
+        PROGRESS.mark("generation eval")
         predictions = task_eval.generate(
             self.engine.module,
             self.tokenizer,
@@ -298,9 +315,11 @@ class Trainer:
     def save_checkpoint(self, force: bool) -> None:
         """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps
         the Hugging Face config and tokenizer, so ``bigscale export`` needs nothing else."""
+        PROGRESS.mark("checkpoint save")
         self.checkpoints.save(
             self.step, self.engine, self.state, self._meta, self._write_hf_files, force=force
         )
+        PROGRESS.mark("training")
 
     def _meta(self) -> dict[str, object]:
         return {
