@@ -1,0 +1,146 @@
+"""A run's processes and its run directory, under the failures of a real cluster, on real 2-rank
+ZeRO-2 runs: a second launch into a running run's directory is refused and changes nothing; the
+ranks die with a killed launcher; a stopped rank ends the job within dist.timeout_minutes with an
+error naming it, and the checkpoint before it stays intact."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.cli import QUICK, bigscale, env_for, explain, start, wait_for_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+ARGS = ["train", "strategy=zero2", "launcher.nproc_per_node=2", *QUICK]
+
+
+def _run_processes(run_dir: Path) -> list[psutil.Process]:
+    """Every process of this machine whose command line names the run directory."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(run_dir) in arg for arg in p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for p in launcher.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "bigscale.train" in p.cmdline() and p.environ().get("RANK") == str(rank):
+                    return p
+        time.sleep(0.1)
+    raise AssertionError(f"rank {rank} never started")
+
+
+def _verifies(checkpoint: Path) -> bool:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    return all((checkpoint / name).stat().st_size == f["size"] for name, f in manifest.items())
+
+
+def test_second_launch_into_a_running_run_dir_is_refused(
+    tmp_path: Path, bigscale_home: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    first = start([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home, capture=True)
+    try:
+        wait_for_checkpoint(first, run_dir, "step_00000008")
+        lease_before = (run_dir / "lease.json").read_text()
+        config_before = (run_dir / "config.yaml").read_text()
+
+        second = bigscale([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home, timeout=300)
+        assert second.returncode == 2, explain(second)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in second.stderr, explain(second)
+        holder = json.loads(lease_before)
+        assert f"run_dir {run_dir} is in use by another run" in errors[0]
+        assert f"pid {first.pid} on {holder['host']}, since" in errors[0], errors[0]
+        assert "choose another run_dir" in errors[0]
+        assert (run_dir / "lease.json").read_text() == lease_before
+        assert (run_dir / "config.yaml").read_text() == config_before
+        assert "in use by another run" not in (run_dir / "train.log").read_text()
+
+        out, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, err[-6000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000024"
+    assert not (run_dir / "lease.json").exists()  # released at the end
+
+
+def test_ranks_die_with_a_killed_launcher(tmp_path: Path, bigscale_home: Path) -> None:
+    """``kill -9 -- -PGID`` of a ``bigscale train`` started with setsid: torchrun puts the ranks
+    in sessions of their own, so only their parent-death handling can end them."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigscale.cli", *ARGS, f"run_dir={run_dir}"],
+        cwd=tmp_path,
+        env=env_for(bigscale_home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ranks = [_rank_process(psutil.Process(proc.pid), r) for r in (0, 1)]
+    try:
+        wait_for_checkpoint(proc, run_dir, "step_00000008")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=30)
+        assert not alive, f"ranks outlived their launcher: {alive}"
+        assert not _run_processes(run_dir)
+        checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        time.sleep(3)  # a rank still training would write its next checkpoint soon after
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
+    finally:
+        for p in _run_processes(run_dir):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+
+def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path, bigscale_home: Path) -> None:
+    """SIGSTOP leaves a rank alive but silent, with rank 0 waiting in ZeRO-2's gradient
+    all-reduce; the watchdog must end the job, naming rank 1, within dist.timeout_minutes (the
+    subprocess timeout below is the bound: 15 s, plus torchrun's grace before SIGKILL)."""
+    run_dir = tmp_path / "run"
+    args = [*ARGS, f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
+    proc = start(args, tmp_path, bigscale_home, capture=True)
+    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    try:
+        wait_for_checkpoint(proc, run_dir, "step_00000008")
+        rank1.send_signal(signal.SIGSTOP)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            rank1.send_signal(signal.SIGCONT)
+            rank1.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 4, err[-6000:]
+    found = re.search(
+        rf"error: rank 1 \(pid {rank1.pid} on \S+\) stopped making progress at step (\d+) "
+        r"\(\w[\w ]*; no heartbeat for \d+ s\), dist.timeout_minutes=0.25",
+        err,
+    )
+    assert found, err[-6000:]
+    assert int(found[1]) >= 8
+    assert "Traceback" not in err, err[-6000:]
+    assert "rank 1 (pid" in (run_dir / "train.log").read_text()
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert _verifies(run_dir / "checkpoints" / latest)
+    assert _verifies(run_dir / "checkpoints" / "step_00000008")
