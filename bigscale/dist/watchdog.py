@@ -88,7 +88,10 @@ class StallWatchdog:
         self.rank, self.world_size = rank, world_size
         self.timeout_minutes = timeout_minutes
         self.timeout_s = timeout_minutes * 60.0
-        self.every_s = min(5.0, max(0.5, self.timeout_s / 10))
+        self.every_s = min(1.0, max(0.2, self.timeout_s / 30))
+        # A rank whose file has not changed for this long is stopped or hung, not just slow to
+        # write (a loaded node, a slow shared filesystem).
+        self.silent_after_s = max(3 * self.every_s, min(self.timeout_s / 2, 30.0))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -139,7 +142,7 @@ class StallWatchdog:
 
     def _stall(self, idle: float) -> None:
         message = stall_message(
-            self.read_beats(), self.rank, time.time(), self.every_s, self.timeout_minutes
+            self.read_beats(), self.rank, time.time(), self.silent_after_s, self.timeout_minutes
         )
         culprits = message[1]
         with contextlib.suppress(Exception):
@@ -155,12 +158,11 @@ class StallWatchdog:
 
 
 def stall_message(
-    beats: dict[int, Beat | None], me: int, now: float, every_s: float, timeout_minutes: float
+    beats: dict[int, Beat | None], me: int, now: float, silent_after_s: float, timeout_minutes: float
 ) -> tuple[str, set[int]]:
     """The ``error:`` line for a stall seen by rank ``me``, and the ranks it blames."""
-    frozen_after = 3 * every_s + 2.0
     silent = {
-        r for r, b in beats.items() if r != me and (b is None or now - b.alive_at > frozen_after)
+        r for r, b in beats.items() if r != me and (b is None or now - b.alive_at > silent_after_s)
     }
     if silent:
         culprits = silent
@@ -183,14 +185,20 @@ def stall_message(
             set(),
         )
     parts = []
+    mine = beats[me]
     for r in sorted(culprits):
         b = beats[r]
         if b is None:
             parts.append(f"rank {r} never reported progress")
             continue
-        last = b.alive_at if r in silent else b.progress_at
+        if r in silent:
+            # Its last heartbeat may predate the step it stopped in; every rank meets every step's
+            # all-reduce, so it stopped in the step this rank is waiting in.
+            step = max(b.step, mine.step) if mine else b.step
+            idle = f"last seen in {b.phase}; no heartbeat for {now - b.alive_at:.0f} s"
+        else:
+            step, idle = b.step, f"{b.phase}; no progress for {now - b.progress_at:.0f} s"
         parts.append(
-            f"rank {r} (pid {b.pid} on {b.host}) stopped making progress at step {b.step} "
-            f"({b.phase}; no heartbeat for {now - last:.0f} s)"
+            f"rank {r} (pid {b.pid} on {b.host}) stopped making progress at step {step} ({idle})"
         )
     return f"error: {'; '.join(parts)}, {bound}: {advice}", culprits

@@ -206,7 +206,7 @@ class Trainer:
         accum, w = self.cfg.trainer.grad_accum, self.window
         loss_sum, tokens, all_tokens = 0.0, 0, 0
         for _ in range(accum):
-            PROGRESS.mark("training", self.step)
+            PROGRESS.mark("training", self.step + 1)  # the step being trained
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()

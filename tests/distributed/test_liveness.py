@@ -73,7 +73,7 @@ def test_second_launch_into_a_running_run_dir_is_refused(
         assert (run_dir / "config.yaml").read_text() == config_before
         assert "in use by another run" not in (run_dir / "train.log").read_text()
 
-        out, err = first.communicate(timeout=600)
+        _, err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
@@ -134,7 +134,7 @@ def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path, bigscale_home: Path
     assert proc.returncode == 4, err[-6000:]
     found = re.search(
         rf"error: rank 1 \(pid {rank1.pid} on \S+\) stopped making progress at step (\d+) "
-        r"\(\w[\w ]*; no heartbeat for \d+ s\), dist.timeout_minutes=0.25",
+        r"\(last seen in \w[\w ]*; no heartbeat for \d+ s\), dist.timeout_minutes=0.25",
         err,
     )
     assert found, err[-6000:]

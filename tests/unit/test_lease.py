@@ -108,7 +108,10 @@ def test_the_stall_verdict_names_a_silent_rank_or_the_one_behind(tmp_path: Path)
     message, culprits = stall_message(silent, 0, now, 1.0, 0.25)
     assert culprits == {1}
     assert message.startswith("error: rank 1 (pid 101 on h) stopped making progress at step 5")
-    assert "no heartbeat for 19 s" in message and "dist.timeout_minutes=0.25" in message
+    assert (
+        "(last seen in training; no heartbeat for 19 s)" in message
+        and "dist.timeout_minutes=0.25" in message
+    )
 
     behind = {0: _beat(0, now, 7, 2, now - 20), 1: _beat(1, now, 7, 1, now - 30)}
     assert stall_message(behind, 0, now, 1.0, 0.25)[1] == {1}
@@ -120,5 +123,5 @@ def test_the_stall_verdict_names_a_silent_rank_or_the_one_behind(tmp_path: Path)
     dog = StallWatchdog(tmp_path, rank=0, world_size=2, timeout_minutes=0.25)
     dog.dir.mkdir()
     dog._write()
-    message, culprits = stall_message(dog.read_beats(), 0, time.time(), dog.every_s, 0.25)
+    message, culprits = stall_message(dog.read_beats(), 0, time.time(), dog.silent_after_s, 0.25)
     assert culprits == {1} and "rank 1 never reported progress" in message
