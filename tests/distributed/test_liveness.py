@@ -56,8 +56,13 @@ def test_second_launch_into_a_running_run_dir_is_refused(
 ) -> None:
     run_dir = tmp_path / "run"
     first = start([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home, capture=True)
+    ranks = [_rank_process(psutil.Process(first.pid), r) for r in (0, 1)]
     try:
         wait_for_checkpoint(first, run_dir, "step_00000008")
+        # The tiny run would end before a second launch is even planned: hold its ranks (not the
+        # launcher, which holds the lease) while the second one tries.
+        for p in ranks:
+            p.send_signal(signal.SIGSTOP)
         lease_before = (run_dir / "lease.json").read_text()
         config_before = (run_dir / "config.yaml").read_text()
 
@@ -72,9 +77,14 @@ def test_second_launch_into_a_running_run_dir_is_refused(
         assert (run_dir / "lease.json").read_text() == lease_before
         assert (run_dir / "config.yaml").read_text() == config_before
         assert "in use by another run" not in (run_dir / "train.log").read_text()
+        for p in ranks:
+            p.send_signal(signal.SIGCONT)
 
         _, err = first.communicate(timeout=600)
     finally:
+        for p in ranks:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
         if first.poll() is None:
             first.kill()
             first.communicate()
