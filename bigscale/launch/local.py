@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,6 +43,8 @@ def own_run_dir(plan: Plan) -> Iterator[None]:
         yield
         return
     held = lease.acquire(plan.run_dir)
+    if held.note:
+        print(held.note, file=sys.stderr, flush=True)
     held.start_heartbeat()
     os.environ[lease.ENV_TOKEN] = held.holder.token  # the ranks: ownership is settled
     try:

@@ -111,11 +111,15 @@ class Lease:
     """A lease this process holds; ``release`` it at the end (a crash leaves it to be taken over
     as a dead holder's)."""
 
-    def __init__(self, run_dir: Path, holder: Holder):
+    def __init__(self, run_dir: Path, holder: Holder, note: str | None = None):
         self.path = Path(run_dir) / LEASE_FILE
         self.holder = holder
+        self.note = note
+        """How it was taken, for the log, when not simply new: continued by the same job, or
+        taken over from a dead holder."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._kept = False
 
     def start_heartbeat(self, every_s: float = HEARTBEAT_S) -> None:
         self._thread = threading.Thread(
@@ -135,10 +139,18 @@ class Lease:
             with contextlib.suppress(OSError):
                 _write_replace(self.path, self.holder)
 
+    def keep(self) -> None:
+        """Stop refreshing but leave the lease: a requeued Slurm job comes back to it, and while
+        the job waits in the queue, no other run may take the directory."""
+        self._stop.set()
+        self._kept = True
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._kept:
+            return
         current = read_holder(self.path)
         if current is not None and current.token == self.holder.token:
             with contextlib.suppress(FileNotFoundError):
@@ -162,15 +174,12 @@ def acquire(run_dir: Path, job: str | None = None) -> Lease:
             # The same Slurm job again: a requeue or a torchrun restart of its ranks.
             me.since = current.since
             _write_replace(path, me)
-            log.info("lease: Slurm job %s continues in %s (requeue or restart)", job, run_dir)
-            return Lease(run_dir, me)
+            return Lease(run_dir, me, f"lease: Slurm job {job} continues in {run_dir} (requeued)")
         if holder_alive(current):
             raise RunDirBusyError(busy_message(run_dir, current))
         if _take_over(path, current, me):
-            log.warning(
-                "lease: took over %s from a holder that is gone (%s)", run_dir, current.describe()
-            )
-            return Lease(run_dir, me)
+            note = f"lease: took over {run_dir} from a run that is gone ({current.describe()})"
+            return Lease(run_dir, me, note)
     _refuse_unreadable(path)
     raise RunDirBusyError(f"{run_dir} is being claimed by another job at this moment; try again")
 

@@ -40,6 +40,8 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
         run_dir = _agree_on_run_dir(cfg, env)
         held = _claim_run_dir(run_dir, env)  # before anything is written into it
         setup_logging(env.rank, run_dir)
+        if held is not None and held.note:
+            log.info("%s", held.note)
         if env.is_main:
             (run_dir / "config.yaml").write_text(to_yaml(cfg))
             prepare_assets(cfg)
@@ -48,7 +50,10 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
         # above do not need.
         from bigscale.train.trainer import Trainer
 
-        return Trainer(cfg, env, run_dir).fit()
+        summary = Trainer(cfg, env, run_dir).fit()
+        if held is not None and held.holder.job and "stopped_at_step" in summary:
+            held.keep()  # stopped to be requeued: the job keeps its run directory
+        return summary
     finally:
         if held is not None:
             held.release()

@@ -51,6 +51,7 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path: Path) -> None:
     _plant(tmp_path, pid=_dead_pid())
     held = lease.acquire(tmp_path)
     assert lease.read_holder(tmp_path / lease.LEASE_FILE) == held.holder
+    assert held.note and held.note.startswith(f"lease: took over {tmp_path} from a run that is")
     held.release()
 
 
@@ -73,6 +74,7 @@ def test_the_same_slurm_job_continues_under_its_lease(tmp_path: Path) -> None:
     first = _plant(tmp_path, job="4242", host="node7", heartbeat=time.time())
     held = lease.acquire(tmp_path, job="4242")
     assert held.holder.job == "4242" and held.holder.since == first.since
+    assert held.note == f"lease: Slurm job 4242 continues in {tmp_path} (requeued)"
     with pytest.raises(lease.RunDirBusyError, match="Slurm job 4242, pid"):
         lease.acquire(tmp_path, job="4243")  # another job: refused while 4242 is alive
     held.release()
