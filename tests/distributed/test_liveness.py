@@ -122,12 +122,17 @@ def test_ranks_die_with_a_killed_launcher(tmp_path: Path, bigscale_home: Path) -
                 p.kill()
 
 
-def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path, bigscale_home: Path) -> None:
-    """SIGSTOP leaves a rank alive but silent, with rank 0 waiting in ZeRO-2's gradient
-    all-reduce; the watchdog must end the job, naming rank 1, within dist.timeout_minutes (the
-    subprocess timeout below is the bound: 15 s, plus torchrun's grace before SIGKILL)."""
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_stopped_rank_ends_the_job_naming_it(
+    strategy: str, tmp_path: Path, bigscale_home: Path
+) -> None:
+    """SIGSTOP leaves a rank alive but silent, with rank 0 waiting in a collective (ZeRO-2's
+    gradient all-reduce had no bound; ZeRO-3 also gathers parameters in the forward); the
+    watchdog must end the job, naming rank 1, within dist.timeout_minutes (the subprocess timeout
+    below is the bound: 15 s, plus torchrun's grace before SIGKILL)."""
     run_dir = tmp_path / "run"
-    args = [*ARGS, f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
+    args = [*ARGS, f"strategy={strategy}", f"run_dir={run_dir}", "dist.timeout_minutes=0.25"]
+    args.append("checkpoint.keep_last=0")
     proc = start(args, tmp_path, bigscale_home, capture=True)
     rank1 = _rank_process(psutil.Process(proc.pid), 1)
     try:
