@@ -131,8 +131,8 @@ def test_stopped_rank_ends_the_job_naming_it(
     watchdog must end the job, naming rank 1, within dist.timeout_minutes (the subprocess timeout
     below is the bound: 15 s, plus torchrun's grace before SIGKILL)."""
     run_dir = tmp_path / "run"
-    args = [*ARGS, f"strategy={strategy}", f"run_dir={run_dir}", "dist.timeout_minutes=0.25"]
-    args.append("checkpoint.keep_last=0")
+    args = [a if a != "strategy=zero2" else f"strategy={strategy}" for a in ARGS]
+    args += [f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
     proc = start(args, tmp_path, bigscale_home, capture=True)
     rank1 = _rank_process(psutil.Process(proc.pid), 1)
     try:
