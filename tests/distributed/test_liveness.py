@@ -93,9 +93,12 @@ def test_second_launch_into_a_running_run_dir_is_refused(
     assert not (run_dir / "lease.json").exists()  # released at the end
 
 
-def test_ranks_die_with_a_killed_launcher(tmp_path: Path, bigscale_home: Path) -> None:
+@pytest.mark.parametrize("victim", ["process group", "launcher alone"])
+def test_ranks_die_with_a_killed_launcher(victim: str, tmp_path: Path, bigscale_home: Path) -> None:
     """``kill -9 -- -PGID`` of a ``bigscale train`` started with setsid: torchrun puts the ranks
-    in sessions of their own, so only their parent-death handling can end them."""
+    in sessions of their own, so only their parent-death handling can end them. Killing the
+    launcher alone leaves torchrun's agent, which must follow it (and the ranks the agent). The
+    same command then resumes, taking over the dead launcher's lease."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bigscale.cli", *ARGS, f"run_dir={run_dir}"],
@@ -108,10 +111,14 @@ def test_ranks_die_with_a_killed_launcher(tmp_path: Path, bigscale_home: Path) -
     ranks = [_rank_process(psutil.Process(proc.pid), r) for r in (0, 1)]
     try:
         wait_for_checkpoint(proc, run_dir, "step_00000008")
-        os.killpg(proc.pid, signal.SIGKILL)
+        agent = psutil.Process(proc.pid).children()[0]
+        if victim == "process group":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
         proc.wait()
-        _, alive = psutil.wait_procs(ranks, timeout=30)
-        assert not alive, f"ranks outlived their launcher: {alive}"
+        _, alive = psutil.wait_procs([agent, *ranks], timeout=30)
+        assert not alive, f"outlived their launcher: {alive}"
         assert not _run_processes(run_dir)
         checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         time.sleep(3)  # a rank still training would write its next checkpoint soon after
@@ -120,6 +127,14 @@ def test_ranks_die_with_a_killed_launcher(tmp_path: Path, bigscale_home: Path) -
         for p in _run_processes(run_dir):
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+    if victim != "process group":
+        return
+    # The same command resumes: the dead launcher's lease is taken over, saying from whom.
+    again = bigscale([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home)
+    assert again.returncode == 0, explain(again)
+    assert f"lease: took over {run_dir} from a run that is gone (pid {proc.pid} on" in again.stderr
+    assert re.search(r"resumed from \S+step_000000(08|16) at step (8|16)", again.stderr)
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "zero3"])
