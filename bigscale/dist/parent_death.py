@@ -2,8 +2,11 @@
 
 torchrun starts every rank in a session of its own, so ``kill -9 -- -PGID`` of a ``bigscale
 train`` (or a dying agent) would leave the ranks training and checkpointing with PPID 1, unseen.
-Two links are covered: the launcher -> torchrun's agent (the agent is started with a parent-death
-signal, ``pdeathsig_preexec``), and the agent -> each rank (the rank arms ``die_with_parent``).
+Two links are covered: the launcher -> torchrun's agent, and the agent -> each rank. The agent gets
+SIGTERM when the launcher dies, which it answers as it answers a scheduler's SIGTERM: it passes it
+on to the ranks, which save a checkpoint after the current step and exit, and SIGKILLs those still
+running after its grace period (30 s). A rank whose agent is gone has nobody left to coordinate
+with and is killed at once.
 
 Linux's ``PR_SET_PDEATHSIG`` delivers the signal the moment the parent exits, but it fires when the
 parent *thread* that forked exits, and only on Linux; a thread polling ``os.getppid()`` is the
@@ -37,7 +40,7 @@ def _set_pdeathsig(sig: int) -> bool:
         return False
 
 
-def pdeathsig_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+def pdeathsig_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     """A ``preexec_fn`` for ``subprocess``: the child gets ``sig`` when this process dies. The
     parent-death setting survives ``exec`` (launch/node.sh execs torchrun)."""
     if not sys.platform.startswith("linux"):
@@ -50,27 +53,34 @@ def pdeathsig_preexec(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
     return arm
 
 
-def die_with_parent(what: str) -> None:
-    """End this process at once when its parent dies (``what`` names this process in the log
-    line). Call it first thing in a process started by a launcher or torchrun's agent."""
+def die_with_parent(what: str, sig: int = signal.SIGKILL) -> None:
+    """Receive ``sig`` when this process's parent dies (SIGKILL: end at once); ``what`` names
+    this process in the log line. Call it first thing in a process started by a launcher or
+    torchrun's agent."""
     parent = os.getppid()
-    _set_pdeathsig(signal.SIGKILL)
+    armed = _set_pdeathsig(sig)
     if os.getppid() != parent:
-        _orphaned(what, parent)  # the parent died before the signal was armed
+        _orphaned(what, parent, sig)  # the parent died before the signal was armed
+        return
     # (A parent of pid 1 may be a live agent: torchrun as a container's first process.)
     threading.Thread(
-        target=_watch, args=(what, parent), name="bigscale-parent-watch", daemon=True
+        target=_watch, args=(what, parent, sig, armed), name="bigscale-parent-watch", daemon=True
     ).start()
 
 
-def _watch(what: str, parent: int) -> None:
+def _watch(what: str, parent: int, sig: int, armed: bool) -> None:
     stop = threading.Event()
     while not stop.wait(POLL_S):
         if os.getppid() != parent:
-            _orphaned(what, parent)
+            if armed and sig != signal.SIGKILL:
+                return  # the kernel sent it already; a second one would cut the shutdown short
+            _orphaned(what, parent, sig)
+            return
 
 
-def _orphaned(what: str, parent: int) -> None:
+def _orphaned(what: str, parent: int, sig: int) -> None:
     with contextlib.suppress(Exception):  # the console may be gone with the parent
         log.error("%s: its parent process %d is gone; exiting", what, parent)
-    os._exit(128 + signal.SIGKILL)
+    if sig == signal.SIGKILL:
+        os._exit(128 + signal.SIGKILL)
+    os.kill(os.getpid(), sig)

@@ -25,7 +25,8 @@ from bigscale.errors import BigscaleError, DivergenceError
 
 
 def main(argv: list[str] | None = None) -> int:
-    die_with_parent("torchrun's agent")  # the launcher is gone: so is the run (its ranks follow)
+    # The launcher is gone: stop the run as on a scheduler's SIGTERM (the ranks save and exit).
+    die_with_parent("torchrun's agent", signal.SIGTERM)
     # torchrun shares its rendezvous store with the ranks' process groups; after a restart the
     # new ranks can read the dead ranks' addresses from it (pytorch#135712) and hang in their
     # first new_group. A store of their own per restart avoids that.

@@ -97,8 +97,8 @@ def test_second_launch_into_a_running_run_dir_is_refused(
 def test_ranks_die_with_a_killed_launcher(victim: str, tmp_path: Path, bigscale_home: Path) -> None:
     """``kill -9 -- -PGID`` of a ``bigscale train`` started with setsid: torchrun puts the ranks
     in sessions of their own, so only their parent-death handling can end them. Killing the
-    launcher alone leaves torchrun's agent, which must follow it (and the ranks the agent). The
-    same command then resumes, taking over the dead launcher's lease."""
+    launcher alone leaves torchrun's agent, which must follow it, stopping the ranks as on a
+    SIGTERM. The same command then resumes, taking over the dead launcher's lease."""
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bigscale.cli", *ARGS, f"run_dir={run_dir}"],
@@ -129,6 +129,8 @@ def test_ranks_die_with_a_killed_launcher(victim: str, tmp_path: Path, bigscale_
                 p.kill()
 
     if victim != "process group":
+        log = (run_dir / "train.log").read_text()
+        assert re.search(r"stopped at step \d+ on SIGTERM: checkpoint saved", log), log[-3000:]
         return
     # The same command resumes: the dead launcher's lease is taken over, saying from whom.
     again = bigscale([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home)
