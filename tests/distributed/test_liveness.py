@@ -46,6 +46,15 @@ def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} never started")
 
 
+def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file's size and modification time, but the lease (its holder refreshes it)."""
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in run_dir.rglob("*")
+        if p.is_file() and p.name != "lease.json"
+    }
+
+
 def _verifies(checkpoint: Path) -> bool:
     manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
     return all((checkpoint / name).stat().st_size == f["size"] for name, f in manifest.items())
@@ -63,20 +72,23 @@ def test_second_launch_into_a_running_run_dir_is_refused(
         # launcher, which holds the lease) while the second one tries.
         for p in ranks:
             p.send_signal(signal.SIGSTOP)
-        lease_before = (run_dir / "lease.json").read_text()
-        config_before = (run_dir / "config.yaml").read_text()
+        holder = json.loads((run_dir / "lease.json").read_text())
+        files_before = _files(run_dir)
 
         second = bigscale([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home, timeout=300)
         assert second.returncode == 2, explain(second)
         errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in second.stderr, explain(second)
-        holder = json.loads(lease_before)
         assert f"run_dir {run_dir} is in use by another run" in errors[0]
         assert f"pid {first.pid} on {holder['host']}, since" in errors[0], errors[0]
         assert "choose another run_dir" in errors[0]
-        assert (run_dir / "lease.json").read_text() == lease_before
-        assert (run_dir / "config.yaml").read_text() == config_before
-        assert "in use by another run" not in (run_dir / "train.log").read_text()
+        still = json.loads((run_dir / "lease.json").read_text())
+        assert (still["token"], still["pid"], still["since"]) == (
+            holder["token"],
+            holder["pid"],
+            holder["since"],
+        )
+        assert _files(run_dir) == files_before
         for p in ranks:
             p.send_signal(signal.SIGCONT)
 
