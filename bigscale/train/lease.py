@@ -120,6 +120,9 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._kept = False
+        self.created_dirs: list[Path] = []
+        """Directories made for the lease, deepest first: removed again if a run that failed
+        before writing anything releases it (a pre-flight error leaves no run directory)."""
 
     def start_heartbeat(self, every_s: float = HEARTBEAT_S) -> None:
         self._thread = threading.Thread(
@@ -155,18 +158,26 @@ class Lease:
         if current is not None and current.token == self.holder.token:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+            for directory in self.created_dirs:
+                try:
+                    directory.rmdir()  # only if empty
+                except OSError:
+                    break
 
 
 def acquire(run_dir: Path, job: str | None = None) -> Lease:
     """Take the run directory (creating it) for this process, or raise ``RunDirBusyError`` naming
     the live holder. ``job``: the Slurm job id, when the holder is a job's rank 0."""
     run_dir = Path(run_dir)
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     me = Holder.me(job)
     path = run_dir / LEASE_FILE
     for _ in range(3):  # lost races against another taker are retried, then refused
         if _link_new(path, me):
-            return Lease(run_dir, me)
+            held = Lease(run_dir, me)
+            held.created_dirs = created
+            return held
         current = read_holder(path)
         if current is None:
             continue  # released meanwhile, or unreadable: see below

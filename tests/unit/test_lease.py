@@ -43,8 +43,11 @@ def test_a_live_holder_refuses_a_second_run_untouched(tmp_path: Path) -> None:
     assert (tmp_path / "run" / lease.LEASE_FILE).read_text() == before
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [lease.LEASE_FILE]
     held.release()
-    assert not (tmp_path / "run" / lease.LEASE_FILE).exists()
-    lease.acquire(tmp_path / "run").release()  # free again
+    assert not (tmp_path / "run").exists()  # made for the lease, left empty: removed again
+    again = lease.acquire(tmp_path / "run")  # free again
+    (tmp_path / "run" / "train.log").write_text("")
+    again.release()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["train.log"]
 
 
 def test_a_dead_holder_on_this_host_is_taken_over(tmp_path: Path) -> None:
