@@ -88,7 +88,9 @@ class StallWatchdog:
         self.rank, self.world_size = rank, world_size
         self.timeout_minutes = timeout_minutes
         self.timeout_s = timeout_minutes * 60.0
-        self.every_s = min(1.0, max(0.2, self.timeout_s / 30))
+        # One small file rename per rank every few seconds: little for a shared filesystem's
+        # metadata server even with thousands of ranks, often enough for a short timeout.
+        self.every_s = min(5.0, max(0.2, self.timeout_s / 30))
         # A rank whose file has not changed for this long is stopped or hung, not just slow to
         # write (a loaded node, a slow shared filesystem).
         self.silent_after_s = max(3 * self.every_s, min(self.timeout_s / 2, 30.0))
