@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bigscale.errors import BigscaleError
+
+if TYPE_CHECKING:
+    from bigscale.launch.plan import Plan
 
 USAGE = """bigscale train [-m] [overrides...]   compose, validate, print the plan, run
 bigscale plan [overrides...]         the same plan, without training
@@ -45,17 +50,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: list[str]) -> int:
-    from bigscale.config.redact import redact_text
-    from bigscale.config.schema import LauncherKind
-    from bigscale.launch import preflight, slurm
-    from bigscale.launch.local import launch, prepare
-    from bigscale.launch.plan import render
+    from bigscale.launch import preflight
+    from bigscale.launch.local import own_run_dir
     from bigscale.launch.sweep import plan_jobs
 
     multirun, overrides = _split_multirun(args)
     plans = plan_jobs(overrides, multirun)
     for plan in plans:
         _warn(preflight.check(plan, submitting=True))
+    with ExitStack() as leases:
+        for plan in plans:  # before anything is written: a run dir in use is refused untouched
+            leases.enter_context(own_run_dir(plan))
+        return _prepare_and_launch(plans, multirun)
+
+
+def _prepare_and_launch(plans: list[Plan], multirun: bool) -> int:
+    from bigscale.config.redact import redact_text
+    from bigscale.config.schema import LauncherKind
+    from bigscale.launch import slurm
+    from bigscale.launch.local import launch, prepare
+    from bigscale.launch.plan import render
+
     for plan in plans:
         prepare(plan)
     for i, plan in enumerate(plans):

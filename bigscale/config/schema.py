@@ -451,7 +451,9 @@ class LauncherConfig:
 @dataclass
 class DistConfig:
     timeout_minutes: float = 30.0
-    """Collective timeout: a dead or stuck rank ends the job with an error after this long."""
+    """A rank that makes no progress in training, evaluation or a checkpoint save for this long
+    (dead, stopped, hung in a collective) ends the job with an error naming it; fractions are
+    allowed (0.5 = 30 s). The collectives' own timeout is one minute longer, as a backstop."""
 
 
 @dataclass

@@ -19,10 +19,14 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import parse_args, run
 
+from bigscale.dist.parent_death import die_with_parent
+from bigscale.dist.watchdog import STALL_EXIT_CODE
 from bigscale.errors import BigscaleError, DivergenceError
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The launcher is gone: stop the run as on a scheduler's SIGTERM (the ranks save and exit).
+    die_with_parent("torchrun's agent", signal.SIGTERM)
     # torchrun shares its rendezvous store with the ranks' process groups; after a restart the
     # new ranks can read the dead ranks' addresses from it (pytorch#135712) and hang in their
     # first new_group. A store of their own per restart avoids that.
@@ -50,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cause(exc: ChildFailedError) -> tuple[int, ProcessFailure]:
     """The failure that explains the others. A rank that stopped on a bigscale error (a refused
-    checkpoint, a divergence) said why and exited with its code; the ranks waiting for it in a
-    collective then crash too, and torchrun may see one of them first."""
+    checkpoint, a divergence, a stuck rank named by the watchdog) said why and exited with its
+    code; the ranks waiting for it in a collective then crash too, and torchrun may see one of them
+    first."""
+    said_why = (BigscaleError.exit_code, DivergenceError.exit_code, STALL_EXIT_CODE)
     for rank, failure in sorted(exc.failures.items()):
-        if failure.exitcode in (BigscaleError.exit_code, DivergenceError.exit_code):
+        if failure.exitcode in said_why:
             return rank, failure
     return exc.get_first_failure()
 

@@ -5,6 +5,7 @@ and what the local launcher calls in-process for a single rank."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from bigscale.dist.env import DistEnv
 from bigscale.errors import BigscaleError
 from bigscale.logging import get_logger, log_to_file_only, setup_logging
 from bigscale.quiet import quiet_third_party
+from bigscale.train import lease
 from bigscale.train.assets import prepare_assets
 from bigscale.train.rundir import default_run_dir
 
@@ -32,12 +34,17 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
     quiet_third_party()
 
     from bigscale.dist.engine import init_distributed
+    from bigscale.dist.watchdog import backstop_minutes
 
-    init_distributed(env, timeout_minutes=cfg.dist.timeout_minutes)
+    init_distributed(env, timeout_minutes=backstop_minutes(cfg.dist.timeout_minutes))
+    held: lease.Lease | None = None
     try:
         run_dir = _agree_on_run_dir(cfg, env)
+        held = _claim_run_dir(run_dir, env)  # before anything is written into it
         setup_logging(env.rank, run_dir)
         config_text = to_yaml(cfg)  # as composed, before the trainer derives anything
+        if held is not None and held.note:
+            log.info("%s", held.note)
         if env.is_main:
             prepare_assets(cfg)
         _barrier()
@@ -50,10 +57,34 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
         # the checkpoints beside it.
         if env.is_main:
             (run_dir / "config.yaml").write_text(config_text)
-        return trainer.fit()
+        summary = trainer.fit()
+        if held is not None and held.holder.job and "stopped_at_step" in summary:
+            held.keep()  # stopped to be requeued: the job keeps its run directory
+        return summary
     finally:
+        if held is not None:
+            held.release()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _claim_run_dir(run_dir: Path, env: DistEnv) -> lease.Lease | None:
+    """Under a Slurm job or a user's own torchrun, rank 0 takes the run directory's lease (no
+    ``bigscale train`` launcher holds it for them) and every rank learns whether it may go on."""
+    if os.environ.get(lease.ENV_TOKEN):
+        return None  # the launcher that started these ranks holds it
+    held, refusal = None, [None]
+    if env.is_main:
+        try:
+            held = lease.acquire(run_dir, job=os.environ.get("SLURM_JOB_ID"))
+            held.start_heartbeat()
+        except lease.RunDirBusyError as exc:
+            refusal[0] = str(exc)
+    if env.world_size > 1:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise lease.RunDirBusyError(refusal[0])
+    return held
 
 
 def _agree_on_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
@@ -78,6 +109,10 @@ def _barrier() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun's agent: die with it
+        from bigscale.dist.parent_death import die_with_parent
+
+        die_with_parent(f"rank {os.environ.get('RANK', '?')}")
     try:
         run_rank(overrides)
     except BigscaleError as exc:

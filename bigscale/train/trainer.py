@@ -22,6 +22,7 @@ from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
+from bigscale.dist.watchdog import PROGRESS, StallWatchdog
 from bigscale.errors import CheckpointError, DataError
 from bigscale.logging import get_logger
 from bigscale.metrics.sinks import MetricsLogger, ProgressBar
@@ -140,6 +141,17 @@ class Trainer:
             )
 
     def fit(self) -> dict[str, float]:
+        # Armed from here to the final save: loading and tokenizing, which may take long, are done.
+        watchdog = StallWatchdog(
+            self.run_dir, self.env.rank, self.env.world_size, self.cfg.dist.timeout_minutes
+        )
+        watchdog.start()
+        try:
+            return self._fit(watchdog)
+        finally:
+            watchdog.stop()
+
+    def _fit(self, watchdog: StallWatchdog) -> dict[str, float]:
         summary: dict[str, float] = {}
         if self.task_examples and self.step == 0:
             summary.update(self._report_task_metric("before"))
@@ -152,6 +164,7 @@ class Trainer:
         if self.early_stop.stopped_at is not None:
             summary["early_stopped_at_step"] = float(self.early_stop.stopped_at)
         self.save_checkpoint(force=True)
+        watchdog.stop()  # only rank 0 exports, with no collective to wait in
         if self.cfg.export.at_end:
             self.export(self.run_dir / "export")
         self.metrics.log({"step": self.step, **{f"final/{k}": v for k, v in summary.items()}})
@@ -200,6 +213,7 @@ class Trainer:
         accum, w = self.cfg.trainer.grad_accum, self.window
         loss_sum, tokens, all_tokens = 0.0, 0, 0
         for _ in range(accum):
+            PROGRESS.mark("training", self.step + 1)  # the step being trained
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
@@ -218,6 +232,7 @@ class Trainer:
             tokens += int(batch["num_tokens"])
             all_tokens += int(batch["input_ids"].numel())
         self.state.step += 1
+        PROGRESS.mark("training", self.step)
         # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
         # learns of a stop signal any rank received, so all stop after the same step.
         total = self._all_reduce_sum(
@@ -245,6 +260,7 @@ class Trainer:
         for i, batch in enumerate(self.data.validation):
             if i >= limit:
                 break
+            PROGRESS.mark("evaluation")
             total += torch.tensor([float(self.engine.forward(batch)), 1.0], dtype=torch.float64)
         self.engine.train(True)
         total = self._all_reduce_sum(total)
@@ -264,6 +280,7 @@ class Trainer:
         return True
 
     def evaluate_task(self) -> dict[str, float]:
+        PROGRESS.mark("generation eval")
         predictions = task_eval.generate(
             self.engine.module,
             self.tokenizer,
@@ -313,9 +330,11 @@ class Trainer:
     def save_checkpoint(self, force: bool) -> None:
         """The manager decides whether a checkpoint is due; beside DeepSpeed's shards it keeps
         the Hugging Face config and tokenizer, so ``bigscale export`` needs nothing else."""
+        PROGRESS.mark("checkpoint save")
         self.checkpoints.save(
             self.step, self.engine, self.state, self._meta, self._write_hf_files, force=force
         )
+        PROGRESS.mark("training")
 
     def _meta(self) -> dict[str, object]:
         return {

@@ -128,6 +128,10 @@ def test_warned_job_checkpoints_requeues_and_resumes_exactly(
     step = int(stopped[1])
     assert 8 <= step < 24
     assert re.search(rf"resumed from \S+step_{step:08d} at step {step}\b", log), log[-6000:]
+    # The requeued job is the run directory's owner still (the same job id), and let it go at
+    # the end.
+    assert f"lease: Slurm job {job} continues in {run_dir} (requeued)" in log, log[-6000:]
+    assert not (run_dir / "lease.json").exists()
     assert _fields(run_dir) == _fields(straight)
     # One W&B run across both attempts: every local W&B directory carries the same run id.
     run_id = (run_dir / "wandb_run_id").read_text().strip()

@@ -26,3 +26,9 @@ def test_the_rank_with_a_bigscale_error_is_the_cause_not_the_ones_that_crashed_a
 def test_otherwise_torchruns_first_failure() -> None:
     rank, failure = _cause(_failed({1: -9}))
     assert (rank, failure.exitcode) == (1, -9)
+
+
+def test_the_watchdog_that_named_a_stuck_rank_is_the_cause() -> None:
+    # Rank 0's watchdog named the stopped rank 1 and exited 4; torchrun then killed rank 1.
+    rank, failure = _cause(_failed({1: -9, 0: 4}))
+    assert (rank, failure.exitcode) == (0, 4)

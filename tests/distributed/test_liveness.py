@@ -1,0 +1,190 @@
+"""A run's processes and its run directory, under the failures of a real cluster, on real 2-rank
+ZeRO-2 runs: a second launch into a running run's directory is refused and changes nothing; the
+ranks die with a killed launcher; a stopped rank ends the job within dist.timeout_minutes with an
+error naming it, and the checkpoint before it stays intact."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.cli import QUICK, bigscale, env_for, explain, start, wait_for_checkpoint
+
+pytestmark = pytest.mark.distributed
+
+ARGS = ["train", "strategy=zero2", "launcher.nproc_per_node=2", *QUICK]
+
+
+def _run_processes(run_dir: Path) -> list[psutil.Process]:
+    """Every process of this machine whose command line names the run directory."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(str(run_dir) in arg for arg in p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for p in launcher.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "bigscale.train" in p.cmdline() and p.environ().get("RANK") == str(rank):
+                    return p
+        time.sleep(0.1)
+    raise AssertionError(f"rank {rank} never started")
+
+
+def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """Every file's size and modification time, but the lease (its holder refreshes it)."""
+    return {
+        str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in run_dir.rglob("*")
+        if p.is_file() and p.name != "lease.json"
+    }
+
+
+def _verifies(checkpoint: Path) -> bool:
+    manifest = json.loads((checkpoint / "manifest.json").read_text())["files"]
+    return all((checkpoint / name).stat().st_size == f["size"] for name, f in manifest.items())
+
+
+def test_second_launch_into_a_running_run_dir_is_refused(
+    tmp_path: Path, bigscale_home: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    first = start([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home, capture=True)
+    ranks = [_rank_process(psutil.Process(first.pid), r) for r in (0, 1)]
+    try:
+        wait_for_checkpoint(first, run_dir, "step_00000008")
+        # The tiny run would end before a second launch is even planned: hold its ranks (not the
+        # launcher, which holds the lease) while the second one tries.
+        for p in ranks:
+            p.send_signal(signal.SIGSTOP)
+        holder = json.loads((run_dir / "lease.json").read_text())
+        files_before = _files(run_dir)
+
+        second = bigscale([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home, timeout=300)
+        assert second.returncode == 2, explain(second)
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in second.stderr, explain(second)
+        assert f"run_dir {run_dir} is in use by another run" in errors[0]
+        assert f"pid {first.pid} on {holder['host']}, since" in errors[0], errors[0]
+        assert "choose another run_dir" in errors[0]
+        still = json.loads((run_dir / "lease.json").read_text())
+        assert (still["token"], still["pid"], still["since"]) == (
+            holder["token"],
+            holder["pid"],
+            holder["since"],
+        )
+        assert _files(run_dir) == files_before
+        for p in ranks:
+            p.send_signal(signal.SIGCONT)
+
+        _, err = first.communicate(timeout=600)
+    finally:
+        for p in ranks:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGCONT)
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, err[-6000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000024"
+    assert not (run_dir / "lease.json").exists()  # released at the end
+
+
+@pytest.mark.parametrize("victim", ["process group", "launcher alone"])
+def test_ranks_die_with_a_killed_launcher(victim: str, tmp_path: Path, bigscale_home: Path) -> None:
+    """``kill -9 -- -PGID`` of a ``bigscale train`` started with setsid: torchrun puts the ranks
+    in sessions of their own, so only their parent-death handling can end them. Killing the
+    launcher alone leaves torchrun's agent, which must follow it, stopping the ranks as on a
+    SIGTERM. The same command then resumes, taking over the dead launcher's lease."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigscale.cli", *ARGS, f"run_dir={run_dir}"],
+        cwd=tmp_path,
+        env=env_for(bigscale_home),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    ranks = [_rank_process(psutil.Process(proc.pid), r) for r in (0, 1)]
+    try:
+        wait_for_checkpoint(proc, run_dir, "step_00000008")
+        agent = psutil.Process(proc.pid).children()[0]
+        if victim == "process group":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs([agent, *ranks], timeout=30)
+        assert not alive, f"outlived their launcher: {alive}"
+        assert not _run_processes(run_dir)
+        checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        time.sleep(3)  # a rank still training would write its next checkpoint soon after
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == checkpoints
+    finally:
+        for p in _run_processes(run_dir):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+    if victim != "process group":
+        log = (run_dir / "train.log").read_text()
+        assert re.search(r"stopped at step \d+ on SIGTERM: checkpoint saved", log), log[-3000:]
+        return
+    # The same command resumes: the dead launcher's lease is taken over, saying from whom.
+    again = bigscale([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home)
+    assert again.returncode == 0, explain(again)
+    assert f"lease: took over {run_dir} from a run that is gone (pid {proc.pid} on" in again.stderr
+    assert re.search(r"resumed from \S+step_000000(08|16) at step (8|16)", again.stderr)
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_stopped_rank_ends_the_job_naming_it(
+    strategy: str, tmp_path: Path, bigscale_home: Path
+) -> None:
+    """SIGSTOP leaves a rank alive but silent, with rank 0 waiting in a collective (ZeRO-2's
+    gradient all-reduce had no bound; ZeRO-3 also gathers parameters in the forward); the
+    watchdog must end the job, naming rank 1, within dist.timeout_minutes (the subprocess timeout
+    below is the bound: 15 s, plus torchrun's grace before SIGKILL)."""
+    run_dir = tmp_path / "run"
+    args = [a if a != "strategy=zero2" else f"strategy={strategy}" for a in ARGS]
+    args += [f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
+    proc = start(args, tmp_path, bigscale_home, capture=True)
+    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    try:
+        wait_for_checkpoint(proc, run_dir, "step_00000008")
+        rank1.send_signal(signal.SIGSTOP)
+        _, err = proc.communicate(timeout=150)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            rank1.send_signal(signal.SIGCONT)
+            rank1.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 4, err[-6000:]
+    found = re.search(
+        rf"error: rank 1 \(pid {rank1.pid} on \S+\) stopped making progress at step (\d+) "
+        r"\(last seen in \w[\w ]*; no heartbeat for \d+ s\), dist.timeout_minutes=0.25",
+        err,
+    )
+    assert found, err[-6000:]
+    assert int(found[1]) >= 8
+    assert "Traceback" not in err, err[-6000:]
+    assert "rank 1 (pid" in (run_dir / "train.log").read_text()
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert _verifies(run_dir / "checkpoints" / latest)
+    assert _verifies(run_dir / "checkpoints" / "step_00000008")
