@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from bigscale.checkpoint.compat import changes, data_contents, fingerprint
-from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint
+from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint, save_generation_config
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.derived import derive
@@ -338,6 +338,7 @@ class Trainer:
 
     def _write_hf_files(self, directory: Path) -> None:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
+        save_generation_config(self.engine.module, directory / HF_SUBDIR)
         self.tokenizer.save_pretrained(directory / HF_SUBDIR)
         save_adapter_config(self.engine.module, directory / HF_SUBDIR)
 
