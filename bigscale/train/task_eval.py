@@ -206,10 +206,13 @@ def generate(
     for r, answers in enumerate(shards):
         out[r :: len(shards)] = answers
     hits = sum(not ended for _, ended in out)
-    if hits and env.is_main:
+    # A budget sized from the data fits every reference answer: an answer that used it all
+    # is longer than any of them, wrong whatever more tokens would add. Only a budget the
+    # user set can cut a right answer.
+    if hits and env.is_main and cfg.max_new_tokens is not None:
         log.warning(
-            "%d of %d held-out answers used all %d new tokens without ending; if they were "
-            "cut, raise eval.max_new_tokens (null sizes it from the test set's answers)",
+            "%d of %d held-out answers used all eval.max_new_tokens=%d without ending; if right "
+            "answers were cut, raise it, or set it to null to size it from the test set",
             hits,
             len(out),
             max_new_tokens,
