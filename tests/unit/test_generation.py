@@ -6,79 +6,28 @@ budget are counted. A tiny Llama memorises the answers first, so the generations
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
-from transformers import AutoTokenizer
 
-from bigscale.config.schema import DataConfig, DataStyle, EvalConfig
+from bigscale.config.schema import EvalConfig
 from bigscale.dist.env import DistEnv
 from bigscale.generation import answer_end, strip_partial
 from bigscale.train import task_eval
-from tests.conftest import build_char_tokenizer
-from tests.models import tiny_llama
-
-# Markers as plain text: none of these strings is a token of the char tokenizer.
-TEXT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
-    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n"
-    "{% endif %}"
-)
-MARKER = "<end_of_turn>"
-ROWS = [("What is the date?", "1999-07-02"), ("Six times seven?", "42")]
+from tests.text_markers import MARKER, ROWS, memorised_model, text_marker_tokenizer, write_test_set
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    path = build_char_tokenizer(tmp_path_factory.mktemp("text_markers"), TEXT_TEMPLATE)
-    return AutoTokenizer.from_pretrained(path)
-
-
-def chat(question: str, answer: str) -> dict:
-    return {
-        "messages": [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": answer},
-        ]
-    }
+    return text_marker_tokenizer(tmp_path_factory.mktemp("text_markers"))
 
 
 @pytest.fixture(scope="module")
 def examples(tmp_path_factory: pytest.TempPathFactory) -> list[task_eval.Example]:
-    path = tmp_path_factory.mktemp("test_set") / "test.jsonl"
-    path.write_text("".join(json.dumps(chat(q, a)) + "\n" for q, a in ROWS))
-    cfg = DataConfig(path=str(path), test_path=str(path), style=DataStyle.chat)
-    return task_eval.read_examples(cfg, limit=10)
+    return write_test_set(tmp_path_factory.mktemp("test_set"))
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer, examples: list[task_eval.Example]):
-    """A tiny Llama that has memorised both conversations, template text included."""
-    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=128)
-    texts = [
-        tokenizer.apply_chat_template(
-            [*ex.prompt, {"role": "assistant", "content": ex.answer}], tokenize=False
-        )
-        for ex in examples
-    ]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(i) for i in ids)
-    batch = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
-    labels = torch.tensor([i + [-100] * (width - len(i)) for i in ids])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(300):
-        loss = model(input_ids=batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.01:
-            break
-    assert loss.item() < 0.05, loss.item()
-    # As training leaves it under gradient checkpointing: evaluation must turn the cache on.
-    model.config.use_cache = False
-    return model.eval()
+    return memorised_model(tokenizer, examples)
 
 
 def generate(model, tokenizer, examples, max_new_tokens: int | None) -> task_eval.Generations:
