@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +30,7 @@ from bigscale.checkpoint.select import (
     select_resume_point,
 )
 from bigscale.checkpoint.storage import storage_failure
-from bigscale.errors import CheckpointError
+from bigscale.errors import BigscaleError, CheckpointError
 from bigscale.logging import get_logger
 
 log = get_logger(__name__)
@@ -221,16 +222,18 @@ def _export(root: Path, tag: str, out_dir: Path, max_shard_size: str, merge_lora
                     write_adapter(adapter, hf_dir, Path(tmp))
                     merged = merged_state_dict(Path(tmp), len(tokenizer))
                 write_weights(merged, staging, _dtype(config), parse_size(max_shard_size))
-                config.save_pretrained(staging)
+                inference_config(config).save_pretrained(staging)
             else:
                 write_adapter(adapter, hf_dir, staging)
+            generation_config(hf_dir, config, tokenizer).save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         what = "merged model" if merge_lora else "LoRA adapter"
         log.info("exported %s/%s to %s (%s)", root, tag, out_dir, what)
         return
     with atomic_dir(out_dir) as staging:
         shards = write_weights(weights, staging, _dtype(config), parse_size(max_shard_size))
-        config.save_pretrained(staging)
+        inference_config(config).save_pretrained(staging)
+        generation_config(hf_dir, config, tokenizer).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     log.info("exported %s/%s to %s (%d weight file(s))", root, tag, out_dir, shards)
 
@@ -240,3 +243,52 @@ def _dtype(config: object) -> torch.dtype | None:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def save_generation_config(model: object, directory: Path) -> None:
+    """The model's generation settings (the source's ``generation_config.json`` when it had
+    one) beside its config in a checkpoint, for the export to carry on."""
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+
+
+def inference_config(config: Any) -> Any:
+    """``config`` as inference wants it: training with gradient checkpointing turned the KV
+    cache off, and an export that kept that would recompute every prefix in ``generate()``."""
+    if hasattr(config, "use_cache"):
+        config.use_cache = True
+    return config
+
+
+def generation_config(hf_dir: Path, config: Any, tokenizer: Any) -> Any:
+    """The checkpoint's generation config (or one derived from the model config, for
+    checkpoints saved without it), with the cache on and the tokenizer's ends added: EOS and
+    the chat template's end-of-turn marker when that is one token, so a plain ``generate()``
+    stops where the fine-tuned model ends its answers."""
+    from transformers import GenerationConfig
+
+    from bigscale.generation import answer_end
+
+    if (hf_dir / GENERATION_CONFIG).is_file():
+        generation = GenerationConfig.from_pretrained(hf_dir)
+    else:
+        generation = GenerationConfig.from_model_config(config)
+    generation.use_cache = True
+    try:
+        ends = answer_end(tokenizer, chat=bool(getattr(tokenizer, "chat_template", None)))
+    except BigscaleError:  # a template that cannot render the probe conversation: EOS only
+        ends = answer_end(tokenizer, chat=False)
+    eos = generation.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos += [i for i in ends.eos_ids if i not in eos]
+    if eos:
+        generation.eos_token_id = eos[0] if len(eos) == 1 else eos
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    if generation.bos_token_id is None:
+        generation.bos_token_id = tokenizer.bos_token_id
+    return generation

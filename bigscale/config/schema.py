@@ -365,8 +365,12 @@ class EvalConfig:
     share that match exactly; ``null`` means on whenever ``data.test_path`` is set."""
     max_examples: int = 500
     """Held-out examples scored by exact match."""
-    max_new_tokens: int = 8
-    """Tokens generated per answer."""
+    max_new_tokens: int | None = None
+    """Most tokens generated per answer; generation stops earlier at EOS or the chat
+    template's end-of-turn marker (a token or text). ``null``: sized from ``data.test_path``,
+    the longest reference answer plus what ends it (EOS, or the marker and what the template
+    writes after it), in tokens. Answers that use it all are counted
+    (``exact_match_budget_hits``)."""
     batch_size: int = 128
     """Prompts per generation batch per rank."""
     during_training: bool = False

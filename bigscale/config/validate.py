@@ -245,6 +245,11 @@ def _check_data(cfg: TrainConfig) -> None:
             "eval.exact_match=true needs data.test_path (a prompt/response file held out from "
             "training)"
         )
+    if cfg.eval.max_new_tokens is not None and cfg.eval.max_new_tokens < 1:
+        raise ConfigError(
+            f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be at least 1, or null to size "
+            "it from data.test_path's longest answer"
+        )
     # Light modules (no torch): an unknown template name or metric_fn fails in the launcher.
     from bigscale.data.chat import template_source
     from bigscale.train import early_stop

@@ -21,7 +21,9 @@ from bigscale.errors import ConfigError
 MetricFn = Callable[[list[str], list[str]], Any]
 
 # Keys a metric_fn result may not take: the rows already use them for something else.
-RESERVED = frozenset({"step", "loss", "lr", "eval_loss", "eval_ppl", "exact_match"})
+RESERVED = frozenset(
+    {"step", "loss", "lr", "eval_loss", "eval_ppl", "exact_match", "exact_match_budget_hits"}
+)
 
 
 def load_metric_fn(spec: str | None) -> MetricFn | None:

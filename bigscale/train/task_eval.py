@@ -4,7 +4,9 @@ Each rank generates for an equal-sized shard of the test set (padded with unused
 because under ZeRO-3 every forward is a collective and all ranks must generate the same number
 of batches; the answers are then gathered in the file's order. For chat styles the prompt is
 the conversation before the last assistant turn, rendered with the chat template and its
-generation prompt, and an answer ends at the template's end-of-turn marker."""
+generation prompt, and an answer ends at the template's end-of-turn marker, a token or text
+(``bigscale.generation``). Unless ``eval.max_new_tokens`` is set, the budget comes from the data:
+the longest reference answer with what ends it, in tokens, so no right answer is cut."""
 
 from __future__ import annotations
 
@@ -17,11 +19,18 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from bigscale.config.schema import DataConfig, DataStyle, EvalConfig
-from bigscale.data.chat import CHAT_STYLES, conversation, render, turn_end_marker
+from bigscale.config.schema import DataConfig, DataStyle, EvalConfig, TrainConfig
+from bigscale.data.chat import CHAT_STYLES, conversation, render
 from bigscale.dist.env import DistEnv
 from bigscale.errors import BigscaleError
+from bigscale.generation import AnswerEnd, answer_end
+from bigscale.logging import get_logger
 from bigscale.train.metric_fn import MetricFn, call_metric_fn
+
+log = get_logger(__name__)
+
+BUDGET_HITS = "exact_match_budget_hits"
+"""Metric: held-out answers that used all ``eval.max_new_tokens`` without ending."""
 
 
 @dataclass(frozen=True)
@@ -60,21 +69,56 @@ def _encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str | tuple[dict,
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 
 
-def _decoder(tokenizer: PreTrainedTokenizerBase, chat: bool):
-    """Generated ids -> answer text: up to the chat template's end-of-turn marker (which need
-    not be a special token, e.g. a user template on a model that lacks its tokens)."""
-    marker = turn_end_marker(tokenizer) if chat else ""
+def _tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def decode(ids: torch.Tensor) -> str:
-        if not marker:
-            return tokenizer.decode(ids, skip_special_tokens=True).strip()
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        for end in (marker, tokenizer.eos_token, tokenizer.pad_token):
-            if end:
-                text = text.split(end, 1)[0]
-        return text.strip()
 
-    return decode
+def answer_tokens(tokenizer: PreTrainedTokenizerBase, example: Example, end: AnswerEnd) -> int:
+    """Tokens the model must generate to give ``example.answer`` and end it, as training taught:
+    for chat styles what the template writes after the generation prompt (answer, end-of-turn
+    marker and what follows it), otherwise the response and EOS."""
+    if isinstance(example.prompt, tuple):
+        reply = {"role": "assistant", "content": example.answer}
+        full = render(tokenizer, [*example.prompt, reply], generation_prompt=False)
+        prompt = render(tokenizer, example.prompt, generation_prompt=True)
+        # Counted in context (tokens can merge across the boundary), and never less than the
+        # answer and marker alone.
+        in_context = _tokens(tokenizer, full) - _tokens(tokenizer, prompt)
+        return max(in_context, _tokens(tokenizer, example.answer + end.marker))
+    return _tokens(tokenizer, example.answer) + 1
+
+
+def budget(
+    tokenizer: PreTrainedTokenizerBase, examples: list[Example], cfg: EvalConfig, end: AnswerEnd
+) -> int:
+    """``eval.max_new_tokens``, or when null the longest answer of ``examples`` with its end."""
+    if cfg.max_new_tokens is not None:
+        return cfg.max_new_tokens
+    return max((answer_tokens(tokenizer, ex, end) for ex in examples), default=1)
+
+
+def describe_budget(
+    tokenizer: PreTrainedTokenizerBase, examples: list[Example], cfg: TrainConfig
+) -> str:
+    """The log line naming the generation budget and where it came from."""
+    end = answer_end(tokenizer, DataStyle(cfg.data.style) in CHAT_STYLES)
+    n = budget(tokenizer, examples, cfg.eval, end)
+    source = (
+        "eval.max_new_tokens"
+        if cfg.eval.max_new_tokens is not None
+        else "eval.max_new_tokens=null: the longest answer of data.test_path and its end"
+    )
+    stop = f"the end-of-turn marker {end.marker!r}" if end.marker else "EOS"
+    return f"held-out answers: up to {n} new tokens each ({source}), stopping at {stop}"
+
+
+@dataclass(frozen=True)
+class Generations:
+    answers: list[str]
+    """One per example, in the file's order, the same on every rank."""
+    budget_hits: int
+    """Answers that used the whole budget without ending (cut, or running on)."""
+    max_new_tokens: int
 
 
 def score(
@@ -113,8 +157,10 @@ def generate(
     cfg: EvalConfig,
     env: DistEnv,
     synced: bool,
-) -> list[str]:
-    """Greedy answers for all ``examples``, in order, on every rank."""
+) -> Generations:
+    """Greedy answers for all ``examples``, in order, on every rank, and how many hit the
+    budget. With ``synced`` (ZeRO-3) every rank runs forwards until all ranks are done; a row
+    that reached its end-of-turn text only stops producing tokens, as at EOS."""
     per_rank = -(-len(examples) // env.world_size)
     shard: list[Example | None] = list(examples[env.rank :: env.world_size])
     shard += [None] * (per_rank - len(shard))
@@ -122,8 +168,9 @@ def generate(
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id
-    decode = _decoder(tokenizer, any(isinstance(ex.prompt, tuple) for ex in examples))
-    mine: list[str] = []
+    end = answer_end(tokenizer, any(isinstance(ex.prompt, tuple) for ex in examples))
+    max_new_tokens = budget(tokenizer, examples, cfg, end)
+    mine: list[tuple[str, bool]] = []
     for start in range(0, per_rank, cfg.batch_size):
         batch = shard[start : start + cfg.batch_size]
         prompts = [_encode_prompt(tokenizer, ex.prompt) if ex else [pad] for ex in batch]
@@ -134,20 +181,40 @@ def generate(
         generated = model.generate(
             input_ids=input_ids,
             attention_mask=mask,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=list(end.eos_ids) or None,
+            stopping_criteria=end.stopping_criteria(tokenizer, width),
+            # Training may have turned the cache off (gradient checkpointing); generation
+            # without it recomputes the whole prefix for every new token.
+            use_cache=True,
             synced_gpus=synced,
         )
-        mine += [decode(ids) for ex, ids in zip(batch, generated[:, width:], strict=True) if ex]
+        mine += [
+            end.answer(tokenizer, ids)
+            for ex, ids in zip(batch, generated[:, width:].tolist(), strict=True)
+            if ex
+        ]
     model.train(was_training)
     shards = [mine]
     if dist.is_initialized() and env.world_size > 1:
         shards = [[] for _ in range(env.world_size)]
         dist.all_gather_object(shards, mine)
     # Rank r answered examples r, r + world_size, ...: interleave back into the file's order.
-    out = [""] * len(examples)
+    out: list[tuple[str, bool]] = [("", True)] * len(examples)
     for r, answers in enumerate(shards):
         out[r :: len(shards)] = answers
-    return out
+    hits = sum(not ended for _, ended in out)
+    # A budget sized from the data fits every reference answer: an answer that used it all
+    # is longer than any of them, wrong whatever more tokens would add. Only a budget the
+    # user set can cut a right answer.
+    if hits and env.is_main and cfg.max_new_tokens is not None:
+        log.warning(
+            "%d of %d held-out answers used all eval.max_new_tokens=%d without ending; if right "
+            "answers were cut, raise it, or set it to null to size it from the test set",
+            hits,
+            len(out),
+            max_new_tokens,
+        )
+    return Generations([a for a, _ in out], hits, max_new_tokens)

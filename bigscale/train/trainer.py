@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from bigscale.checkpoint.compat import changes, data_contents, fingerprint
-from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint
+from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint, save_generation_config
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.derived import derive
@@ -281,7 +281,7 @@ class Trainer:
 
     def evaluate_task(self) -> dict[str, float]:
         PROGRESS.mark("generation eval")
-        predictions = task_eval.generate(
+        generations = task_eval.generate(
             self.engine.module,
             self.tokenizer,
             self.task_examples,
@@ -289,14 +289,22 @@ class Trainer:
             self.env,
             synced=self.engine.zero_stage == 3 and self.env.world_size > 1,
         )
-        return task_eval.score(
-            predictions, self.task_examples, self.cfg.eval, self.env, self.metric_fn
+        values = task_eval.score(
+            generations.answers, self.task_examples, self.cfg.eval, self.env, self.metric_fn
         )
+        values[task_eval.BUDGET_HITS] = generations.budget_hits
+        return values
 
     def _report_task_metric(self, when: str) -> dict[str, float]:
         values = self.evaluate_task()
-        log.info("held-out exact match %s training: %.1f%%", when, 100 * values["exact_match"])
-        if len(values) > 1:
+        log.info(
+            "held-out exact match %s training: %.1f%% (%d of %d answers hit the token budget)",
+            when,
+            100 * values["exact_match"],
+            values[task_eval.BUDGET_HITS],
+            len(self.task_examples),
+        )
+        if len(values) > 2:
             log.info("eval.metric_fn %s training: %s", when, values)
         return {f"{k}_{when}": v for k, v in values.items()}
 
@@ -349,6 +357,7 @@ class Trainer:
 
     def _write_hf_files(self, directory: Path) -> None:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
+        save_generation_config(self.engine.module, directory / HF_SUBDIR)
         self.tokenizer.save_pretrained(directory / HF_SUBDIR)
         save_adapter_config(self.engine.module, directory / HF_SUBDIR)
 
@@ -398,4 +407,7 @@ class Trainer:
     def _task_examples(self) -> list[task_eval.Example]:
         if not generation_enabled(self.cfg):
             return []
-        return task_eval.read_examples(self.cfg.data, self.cfg.eval.max_examples)
+        examples = task_eval.read_examples(self.cfg.data, self.cfg.eval.max_examples)
+        if self.env.is_main:
+            log.info("%s", task_eval.describe_budget(self.tokenizer, examples, self.cfg))
+        return examples

@@ -1,6 +1,7 @@
 """The exported model is the trained model: after a real 2-rank ZeRO-3 run, the Hugging Face
 directory (streamed from the partitioned checkpoint into several safetensors shards) loads in
-transformers and gives the same logits as the trained engine."""
+transformers and gives the same logits as the trained engine, and a plain ``generate()`` on it
+uses the KV cache."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.cli import QUICK, torchrun
+from tests.exports import assert_generates_with_cache
 
 pytestmark = pytest.mark.distributed
 
@@ -43,3 +45,4 @@ def test_zero3_export_gives_the_engines_logits(tmp_path: Path, bigscale_home: Pa
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([probe["input_ids"]])).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-5)
+    assert_generates_with_cache(export)

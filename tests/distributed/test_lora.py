@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from bigscale.dist.ds_files import load_consolidated_weights, weights_only_loading
 from tests.cli import QUICK, bigscale, explain, torchrun, train_rows
+from tests.exports import assert_generates_with_cache
 
 pytestmark = pytest.mark.distributed
 
@@ -130,6 +131,10 @@ def test_exported_adapter_and_merged_model_give_the_engines_logits(
     assert not any("lora" in name for name, _ in merged.named_parameters())
     merged_logits, _ = probe_logits(merged, run_dir)
     torch.testing.assert_close(merged_logits, logits, atol=1e-5, rtol=1e-5)
+    # Inference settings restored, also after ZeRO-3's gradient checkpointing turned the
+    # cache off; the adapter carries the generation config beside it.
+    assert_generates_with_cache(merged_dir)
+    assert (run_dir / "export" / "generation_config.json").is_file()
 
 
 def test_resume_is_exact(runs: dict[str, Path], tmp_path: Path, bigscale_home: Path) -> None:

@@ -50,7 +50,9 @@ def test_alpaca_chat_run_stops_early_on_a_metric_fn(tmp_path: Path, bigscale_hom
         "checkpoint.every_steps=0",
         "optim.warmup_steps=1",
         "eval.during_training=true",
-        "eval.max_new_tokens=4",
+        # ZeRO-3's synced generation with the text end-of-turn marker the tiny model spells
+        # in characters, and the budget sized from the test set.
+        "strategy=zero3",
         "eval.metric_fn=my_metrics:score",
         "eval.early_stopping.metric=constant",
         "eval.early_stopping.patience=1",
@@ -67,6 +69,7 @@ def test_alpaca_chat_run_stops_early_on_a_metric_fn(tmp_path: Path, bigscale_hom
     for r in evals:
         assert r["constant"] == 0.5 and r["answered"] == 12.0  # every example, from both ranks
         assert {"eval_loss", "eval_ppl", "exact_match"} <= set(r)
+        assert 0 <= r["exact_match_budget_hits"] <= 12
     assert max(r["step"] for r in rows if "loss" in r) == 4
     (final,) = [r for r in rows if "final/early_stopped_at_step" in r]
     assert final["final/early_stopped_at_step"] == 4
@@ -79,6 +82,11 @@ def test_alpaca_chat_run_stops_early_on_a_metric_fn(tmp_path: Path, bigscale_hom
     assert "<|im_start|>" in template
     log = (run_dir / "train.log").read_text()
     assert "early stopping at step 4: constant has not improved" in log, log[-3000:]
+    # Three-digit answers, then "<|im_end|>" and a newline, one character per token.
+    assert "held-out answers: up to 14 new tokens each (eval.max_new_tokens=null" in log
+    assert "stopping at the end-of-turn marker '<|im_end|>'" in log
+    assert re.search(r"held-out exact match after training: [\d.]+% \(\d+ of 12 answers", log)
+    assert "final/exact_match_budget_hits_after" in final
 
     # The decision is in the checkpoint: the same command again resumes and trains no further.
     again = bigscale(["train", *args], cwd=tmp_path, home=bigscale_home)

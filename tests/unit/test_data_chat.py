@@ -14,6 +14,7 @@ from bigscale.data.chat import BUILTIN_TEMPLATES, set_chat_template, turn_end_ma
 from bigscale.data.sources import preflight
 from bigscale.data.tokenize import encode_example, tokenize_split, tokenizer_fingerprint
 from bigscale.errors import ConfigError, DataError
+from bigscale.generation import answer_end
 from bigscale.train import task_eval
 from tests.unit.test_data_tokenize import CONVERSATION, IGN, expected
 
@@ -187,5 +188,5 @@ def test_generation_prompt_and_answer_for_chat_styles(char_tokenizer, tmp_path: 
     assert prompt == "<|im_start|>user\nAdd.\n\n1+2<|im_end|>\n<|im_start|>assistant\n"
     # An answer ends at the template's end-of-turn marker, whatever follows it.
     generated = char_tokenizer("3<|im_end|>\n<|im_start|>user", add_special_tokens=False)
-    decode = task_eval._decoder(char_tokenizer, chat=True)
-    assert decode(generated["input_ids"]) == "3"
+    end = answer_end(char_tokenizer, chat=True)
+    assert end.answer(char_tokenizer, generated["input_ids"]) == ("3", True)

@@ -193,3 +193,37 @@ def test_one_shard_is_a_plain_model_safetensors(tmp_path: Path) -> None:
     assert write_weights({"w": torch.zeros(3)}, tmp_path, None, parse_size("2GB")) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     assert parse_size("1MB") == 1_000_000 and parse_size("64KB") == 64_000
+
+
+def test_an_export_generates_with_the_cache_and_the_templates_end(tmp_path: Path) -> None:
+    """Training with gradient checkpointing turns the cache off in the model config; the
+    export turns it back on and carries the generation config, whose EOS ids include the chat
+    template's end-of-turn token, so a plain ``generate()`` is fast and stops there."""
+    from transformers import AutoTokenizer
+
+    from bigscale.checkpoint.export import save_generation_config
+    from tests.conftest import build_char_tokenizer
+    from tests.exports import assert_generates_with_cache
+    from tests.models import tiny_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(build_char_tokenizer(tmp_path / "tokenizer"))
+    model = tiny_llama(vocab_size=len(tokenizer))
+    model.config.use_cache = False  # as model.gradient_checkpointing=true leaves it
+    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
+    tag.mkdir(parents=True)
+    torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
+    model.config.save_pretrained(tag / "hf")
+    save_generation_config(model, tag / "hf")
+    tokenizer.save_pretrained(tag / "hf")
+    seal(tag)
+    (tag.parent / "latest").write_text(tag.name)
+
+    export_checkpoint(tmp_path / "run", tmp_path / "export")
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert_generates_with_cache(tmp_path / "export", [tokenizer.eos_token_id, im_end])
+    # A checkpoint saved before generation configs were kept gets one derived for it.
+    (tag / "hf" / "generation_config.json").unlink()
+    (tag / "manifest.json").unlink()
+    seal(tag)
+    export_checkpoint(tag, tmp_path / "export2")
+    assert_generates_with_cache(tmp_path / "export2", [tokenizer.eos_token_id, im_end])

@@ -92,6 +92,13 @@ def test_exact_match_needs_a_test_file() -> None:
         check(["data.test_path=null", "eval.exact_match=true"])
 
 
+def test_generation_budget_is_positive_or_sized_from_the_data() -> None:
+    check(["eval.max_new_tokens=null"])
+    check(["eval.max_new_tokens=1"])
+    with pytest.raises(ConfigError, match=r"eval.max_new_tokens=0 must be at least 1, or null"):
+        check(["eval.max_new_tokens=0"])
+
+
 def test_nproc_auto_and_numbers() -> None:
     assert resolve_nproc("auto", CPU) == 2
     assert resolve_nproc("auto", H100) == 8
