@@ -119,3 +119,15 @@ def train_rows(run_dir: Path) -> list[dict]:
 
 def explain(proc: subprocess.CompletedProcess[str]) -> str:
     return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+
+
+def rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
+    """The process of ``rank`` among the launcher's descendants, once it has started."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for p in launcher.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "bigscale.train" in p.cmdline() and p.environ().get("RANK") == str(rank):
+                    return p
+        time.sleep(0.1)
+    raise AssertionError(f"rank {rank} never started")

@@ -18,7 +18,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cli import QUICK, bigscale, env_for, explain, start, wait_for_checkpoint
+from tests.cli import (
+    QUICK,
+    bigscale,
+    env_for,
+    explain,
+    rank_process,
+    start,
+    wait_for_checkpoint,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -33,17 +41,6 @@ def _run_processes(run_dir: Path) -> list[psutil.Process]:
             if any(str(run_dir) in arg for arg in p.info["cmdline"] or []):
                 found.append(p)
     return found
-
-
-def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for p in launcher.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "bigscale.train" in p.cmdline() and p.environ().get("RANK") == str(rank):
-                    return p
-        time.sleep(0.1)
-    raise AssertionError(f"rank {rank} never started")
 
 
 def _files(run_dir: Path) -> dict[str, tuple[int, int]]:
@@ -65,7 +62,7 @@ def test_second_launch_into_a_running_run_dir_is_refused(
 ) -> None:
     run_dir = tmp_path / "run"
     first = start([*ARGS, f"run_dir={run_dir}"], tmp_path, bigscale_home, capture=True)
-    ranks = [_rank_process(psutil.Process(first.pid), r) for r in (0, 1)]
+    ranks = [rank_process(psutil.Process(first.pid), r) for r in (0, 1)]
     try:
         wait_for_checkpoint(first, run_dir, "step_00000008")
         # The tiny run would end before a second launch is even planned: hold its ranks (not the
@@ -120,7 +117,7 @@ def test_ranks_die_with_a_killed_launcher(victim: str, tmp_path: Path, bigscale_
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    ranks = [_rank_process(psutil.Process(proc.pid), r) for r in (0, 1)]
+    ranks = [rank_process(psutil.Process(proc.pid), r) for r in (0, 1)]
     try:
         wait_for_checkpoint(proc, run_dir, "step_00000008")
         agent = psutil.Process(proc.pid).children()[0]
@@ -163,7 +160,7 @@ def test_stopped_rank_ends_the_job_naming_it(
     args = [a if a != "strategy=zero2" else f"strategy={strategy}" for a in ARGS]
     args += [f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
     proc = start(args, tmp_path, bigscale_home, capture=True)
-    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    rank1 = rank_process(psutil.Process(proc.pid), 1)
     try:
         wait_for_checkpoint(proc, run_dir, "step_00000008")
         rank1.send_signal(signal.SIGSTOP)

@@ -6,7 +6,6 @@ signal or restarted by torchrun ends exactly as the uninterrupted one."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import signal
 import time
@@ -23,6 +22,7 @@ from tests.cli import (
     bigscale,
     explain,
     kill_after_checkpoint,
+    rank_process,
     start,
     train_rows,
     wait_for_checkpoint,
@@ -183,17 +183,6 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(
         assert torch.equal(resumed[name], tensor), name
 
 
-def _rank_process(launcher: psutil.Process, rank: int) -> psutil.Process:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        for p in launcher.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "bigscale.train" in p.cmdline() and p.environ().get("RANK") == str(rank):
-                    return p
-        time.sleep(0.1)
-    raise AssertionError(f"rank {rank} never started")
-
-
 def _fields(rows: list[dict]) -> list[tuple]:
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
 
@@ -207,7 +196,7 @@ def test_stop_signal_checkpoints_and_resumes_exactly(
     run_dir = tmp_path / "stopped"
     args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *ARGS]
     proc = start(args, tmp_path, bigscale_home, capture=True)
-    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    rank1 = rank_process(psutil.Process(proc.pid), 1)
     wait_for_checkpoint(proc, run_dir, "step_00000008")
     rank1.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
@@ -234,7 +223,7 @@ def test_elastic_restart_resumes_from_the_latest_checkpoint(
     run_dir = tmp_path / "elastic"
     args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *ARGS]
     proc = start([*args, "launcher.max_restarts=1"], tmp_path, bigscale_home, capture=True)
-    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    rank1 = rank_process(psutil.Process(proc.pid), 1)
     wait_for_checkpoint(proc, run_dir, "step_00000008")
     rank1.kill()
     _, err = proc.communicate(timeout=300)
@@ -251,7 +240,7 @@ def test_dead_rank_ends_the_job_naming_it(tmp_path: Path, bigscale_home: Path) -
     run_dir = tmp_path / "dead"
     args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *ARGS]
     proc = start([*args, "dist.timeout_minutes=1"], tmp_path, bigscale_home, capture=True)
-    rank1 = _rank_process(psutil.Process(proc.pid), 1)
+    rank1 = rank_process(psutil.Process(proc.pid), 1)
     wait_for_checkpoint(proc, run_dir, "step_00000008")
     pid = rank1.pid
     rank1.kill()
