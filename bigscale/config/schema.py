@@ -538,7 +538,7 @@ class ObjectiveConfig:
     lambda_: float = 0.1
     """ORPO only: weight of the odds-ratio term beside the SFT loss (the paper's lambda;
     typed ``objective.lambda_=...``: ``lambda`` is a Python keyword)."""
-    reference_batch_size: int = 8
+    reference_batch_size: int = 32
     """Pairs per forward of the reference pass (DPO, IPO), which runs once before training."""
 
 

@@ -95,7 +95,8 @@ def _compute(
         rows = mine[b * batch_size : (b + 1) * batch_size]
         real = len(rows)
         rows = rows or [0]
-        batch = collate([dataset[i] for i in rows])
+        columns = dataset[rows]  # one read of the rows, column by column
+        batch = collate([{k: v[i] for k, v in columns.items()} for i in range(len(rows))])
         logps, _ = sequence_logps(engine, batch, chunk)
         chosen, rejected = logps.double().cpu().chunk(2)
         if real:
