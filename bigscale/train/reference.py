@@ -77,6 +77,14 @@ def table_key(cfg: TrainConfig, split_fingerprint: str, precision: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def split_identity(dataset: Any) -> str:
+    """The tokenized split by content: its cache files are named by content keys
+    (``bigscale.data.tokenize.cache_key``). ``datasets``' own fingerprint would not do: a
+    concatenated split (the validation set) gets a new random one in every process."""
+    names = sorted(Path(f["filename"]).name for f in dataset.cache_files)
+    return json.dumps([names, len(dataset)]) if names else str(dataset._fingerprint)
+
+
 def _local_rows(n: int, env: DistEnv) -> list[int]:
     return list(range(env.rank, n, env.world_size))
 
@@ -142,7 +150,7 @@ def reference_tables(
         if len(dataset) == 0:
             tables[split] = torch.zeros(0, 2, dtype=torch.float64)
             continue
-        path = cache / "reference" / f"{table_key(cfg, dataset._fingerprint, precision)}.pt"
+        path = cache / "reference" / f"{table_key(cfg, split_identity(dataset), precision)}.pt"
         if _agree(path.is_file(), env, engine.device):
             tables[split] = torch.load(path, weights_only=True)
             log.info("reference log-probs of the %s pairs read from %s", split, path)
