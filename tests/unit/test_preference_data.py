@@ -182,3 +182,15 @@ def test_demo_and_hub_presets_validate() -> None:
     _validate("experiment=dpo_arithmetic")
     cfg = compose_config(["objective=dpo", "data=ultrafeedback"])
     assert cfg.data.split == "train_prefs" and cfg.data.style is DataStyle.preference
+
+
+def test_early_stopping_can_watch_held_out_preference_accuracy() -> None:
+    _validate("experiment=dpo_arithmetic", "eval.early_stopping.metric=eval_rewards/accuracy")
+    from bigscale.train.early_stop import EarlyStopper
+
+    cfg = compose_config(["eval.early_stopping.metric=eval_rewards/accuracy"])
+    stopper = EarlyStopper(cfg.eval.early_stopping)  # mode auto: higher accuracy is better
+    assert not stopper.update(10, {"eval_rewards/accuracy": 0.6})
+    assert stopper.best == 0.6
+    stopper.update(20, {"eval_rewards/accuracy": 0.9})
+    assert stopper.best == 0.9
