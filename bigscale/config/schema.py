@@ -52,6 +52,7 @@ class DataStyle(str, Enum):
     prompt_response = "prompt_response"  # SFT: loss on the response only
     chat = "chat"  # SFT on role/content messages through the tokenizer's chat template
     alpaca = "alpaca"  # instruction (+ input) / output, rendered as a chat through the template
+    preference = "preference"  # prompt / chosen / rejected pairs for objective=dpo|ipo|simpo|orpo
 
 
 class Overlong(str, Enum):
@@ -202,6 +203,12 @@ class DataConfig:
     """Optional column appended to the instruction after a blank line (style=alpaca)."""
     output_field: str = "output"
     """Column holding the answer (style=alpaca): the assistant turn, the only loss."""
+    chosen_field: str = "chosen"
+    """Column holding the preferred completion (style=preference): a string, or a list of
+    {role, content} messages whose last turn is the assistant's completion."""
+    rejected_field: str = "rejected"
+    """Column holding the dispreferred completion (style=preference), like ``chosen_field``;
+    a conversation shares its prompt turns with the chosen one."""
     chat_template: str | None = None
     """Chat template for style=chat|alpaca, replacing the tokenizer's own: a built-in name
     (chatml, llama3, zephyr, alpaca) or a path to a .jinja file; null keeps the tokenizer's.
@@ -513,6 +520,34 @@ class SweepConfig:
     ``hydra.sweeper.direction=maximize``."""
 
 
+class ObjectiveName(str, Enum):
+    sft = "sft"  # next-token cross-entropy on the labelled tokens
+    dpo = "dpo"  # DPO (sigmoid); conservative DPO with label_smoothing > 0
+    ipo = "ipo"  # IPO: squared loss on the length-normalized log-ratio margin
+    simpo = "simpo"  # reference-free, length-normalized, with a target margin gamma
+    orpo = "orpo"  # odds ratio plus the SFT term on the chosen completion, reference-free
+    reward = "reward"  # Bradley-Terry reward model (sequence-classification head)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: ObjectiveName = ObjectiveName.sft
+    """What training minimizes: ``sft``, or a preference objective on ``data.style=preference``
+    pairs (``dpo``, ``ipo``, ``simpo``, ``orpo``, ``reward``)."""
+    beta: float = 0.1
+    """DPO/IPO: strength of the pull towards the reference (IPO's tau); SimPO: reward scale;
+    ORPO: unused (see ``lambda_``)."""
+    label_smoothing: float = 0.0
+    """DPO only: assumed share of flipped preference labels (conservative DPO), in [0, 0.5)."""
+    gamma: float = 0.5
+    """SimPO only: target reward margin, in reward units (TRL's ``simpo_gamma``)."""
+    lambda_: float = 0.1
+    """ORPO only: weight of the odds-ratio term beside the SFT loss (the paper's lambda;
+    typed ``objective.lambda_=...``: ``lambda`` is a Python keyword)."""
+    reference_batch_size: int = 32
+    """Pairs per forward of the reference pass (DPO, IPO), which runs once before training."""
+
+
 @dataclass
 class TrainConfig:
     experiment: str = "default"
@@ -523,6 +558,7 @@ class TrainConfig:
     """``auto``: continue from the newest complete checkpoint in the run directory, if any;
     ``never``: refuse to start if the run directory holds checkpoints; or a checkpoint path."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

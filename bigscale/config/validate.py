@@ -76,6 +76,7 @@ def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
     _check_assets(cfg)
     _check_finetune(cfg)
     _check_dist(cfg)
+    _check_objective(cfg)
 
 
 def _positive(**values: int) -> None:
@@ -206,6 +207,10 @@ _FLOAT_RANGES = {
     "eval.early_stopping.min_delta": "0 or a positive number",
     "dist.timeout_minutes": "a positive number of minutes",
     "checkpoint.every_minutes": "0 (off) or a positive number of minutes",
+    "objective.beta": "a positive number (DPO typically 0.1)",
+    "objective.label_smoothing": "[0, 0.5)",
+    "objective.gamma": "0 or a positive number",
+    "objective.lambda_": "0 or a positive number",
 }
 
 
@@ -336,3 +341,10 @@ def _check_dist(cfg: TrainConfig) -> None:
             f"dist.timeout_minutes={minutes:g} must be positive: it is how long a collective "
             "waits for a dead or stuck rank before the job ends with an error"
         )
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    # Light module (no torch): the launcher runs it before any rank starts.
+    from bigscale.data.preference import check_objective
+
+    check_objective(cfg)

@@ -193,9 +193,10 @@ def _tokens(tokenizer: Any, text: str) -> list[int]:
 
 
 def encode_chat(
-    messages: list[dict], tokenizer: Any, index: int | None
+    messages: list[dict], tokenizer: Any, index: int | None, last_turn_only: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and labels carrying only the assistant turns."""
+    """Token ids of the rendered conversation and labels carrying only the assistant turns
+    (with ``last_turn_only``, only the last one: a preference pair's completion)."""
     full = render(tokenizer, messages, False, index)
     # Character span of each assistant turn within the full rendering. The start is after the
     # generation prompt (the "assistant:" header the model is given at inference); the end is
@@ -209,6 +210,8 @@ def encode_chat(
         end = _common_prefix(render(tokenizer, messages[: i + 1], False, index), full)
         if end > start:
             spans.append((start, end))
+    if last_turn_only:
+        spans = spans[-1:]
 
     literal = _literal_spans(tokenizer, messages, full, index)
     if not getattr(tokenizer, "is_fast", False):

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     import datasets
 
 MESSAGES_KEY = "data.messages_field"
+TEXT_OR_MESSAGES_KEYS = ("data.chosen_field", "data.rejected_field")
+"""A preference pair's sides: strings, or conversations (``bigscale.data.preference``)."""
 
 
 def _decode(raw: bytes, path: Path, lineno: int, offset: int) -> str:
@@ -100,6 +102,10 @@ def optional_fields(cfg: DataConfig, fields: list[tuple[str, str]]) -> list[tupl
     """Fields the style reads when present (alpaca's input): text when given, else absent."""
     if DataStyle(cfg.style) is DataStyle.alpaca and cfg.input_field not in (c for _, c in fields):
         return [("data.input_field", cfg.input_field)]
+    if DataStyle(cfg.style) is DataStyle.preference and cfg.prompt_field not in (
+        c for _, c in fields
+    ):
+        return [("data.prompt_field", cfg.prompt_field)]
     return []
 
 
@@ -119,13 +125,14 @@ def check_values(
                 f"{where}: {key}={column!r} is missing or null on this line. "
                 "Fix or remove that line."
             )
-        if key == MESSAGES_KEY:
+        if key == MESSAGES_KEY or (key in TEXT_OR_MESSAGES_KEYS and isinstance(value, list)):
             _check_messages(where, key, column, value)
         else:
             _check_text(where, key, column, value)
     for key, column in optional:
-        if row.get(column) is not None:
-            _check_text(where, key, column, row[column])
+        value = row.get(column)
+        if value is not None and not (key == "data.prompt_field" and isinstance(value, list)):
+            _check_text(where, key, column, value)
 
 
 def _check_text(where: str, key: str, column: str, value: Any) -> None:
@@ -180,7 +187,7 @@ def load_json(
 
     optional = optional_fields(cfg, fields)
     features = None
-    if all(key != MESSAGES_KEY for key, _ in fields):
+    if all(key != MESSAGES_KEY and key not in TEXT_OR_MESSAGES_KEYS for key, _ in fields):
         string = datasets.Value("string")
         features = datasets.Features({c: string for _, c in (*fields, *optional)})
     # Lists in gen_kwargs are what datasets shards a stream by: only the files (and their

@@ -22,7 +22,7 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from bigscale.config.schema import DataConfig
+from bigscale.config.schema import DataConfig, DataStyle
 from bigscale.data.cache import build_once, cache_root
 from bigscale.data.collate import pack_collate, pack_examples, pad_collate
 from bigscale.data.mixture import (
@@ -32,6 +32,7 @@ from bigscale.data.mixture import (
     mixture_sources,
     validation_source,
 )
+from bigscale.data.preference import pair_collate, tokenize_pairs
 from bigscale.data.sampler import ResumableDistributedSampler
 from bigscale.data.sources import is_hub, load_raw, resolve_files
 from bigscale.data.tokenize import TokenizeReport, cache_key, tokenize_split
@@ -75,6 +76,8 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def make_collate(cfg: DataConfig, tokenizer: Any) -> Collate:
     pad_id = pad_token_id(tokenizer)
+    if DataStyle(cfg.style) is DataStyle.preference:
+        return functools.partial(pair_collate, pad_id=pad_id)
     if cfg.packing:
         return functools.partial(pack_collate, pad_id=pad_id, max_length=cfg.max_length)
     return functools.partial(pad_collate, pad_id=pad_id)
@@ -112,6 +115,9 @@ class _Preparer:
     ) -> tuple[datasets.Dataset, TokenizeReport, str]:
         if len(ds) == 0:  # no held-out data: an empty split with the tokenized columns
             return empty_split(), TokenizeReport(), ""
+        pairs = DataStyle(cfg.style) is DataStyle.preference
+        if pairs:  # the pair fields are not among the SFT fields the key already names
+            extra += f"|pairs:{cfg.prompt_field},{cfg.chosen_field},{cfg.rejected_field}"
         key = cache_key(ds, self.tokenizer, cfg, extra=extra, data_id=data_id)
         path = self.cache / f"{key}.arrow"
         if path.is_file():
@@ -125,7 +131,8 @@ class _Preparer:
             )
         else:
             log.info("Tokenizing %d examples into %s", len(ds), path)
-        out, report = tokenize_split(ds, self.tokenizer, cfg, str(path), key=key)
+        tokenize = tokenize_pairs if pairs else tokenize_split
+        out, report = tokenize(ds, self.tokenizer, cfg, str(path), key=key)
         return out, report, key
 
     def _id(self, key: str, compute: Callable[[], str]) -> str:

@@ -17,6 +17,7 @@ from bigscale.config.schema import DataConfig, DataFormat, DataStyle
 from bigscale.data.chat import CHAT_STYLES, preflight_rows
 from bigscale.data.jsonfiles import (
     MESSAGES_KEY,
+    TEXT_OR_MESSAGES_KEYS,
     check_values,
     iter_rows,
     load_json,
@@ -72,6 +73,10 @@ def required_fields(cfg: DataConfig) -> list[tuple[str, str]]:
             ("data.prompt_field", cfg.prompt_field),
             ("data.response_field", cfg.response_field),
         ]
+    if style is DataStyle.preference:  # the prompt may live in the conversations instead
+        from bigscale.data.preference import required_fields as pair_fields
+
+        return pair_fields(cfg)
     if style is DataStyle.alpaca:  # data.input_field is optional
         return [
             ("data.instruction_field", cfg.instruction_field),
@@ -131,6 +136,10 @@ def _check_json(
         check_values(f"{path}:{place}", row, fields, optional)
     if DataStyle(cfg.style) in CHAT_STYLES:  # roles, last turn: cheap, and named by file:line
         preflight_rows(rows, cfg, str(path))  # type: ignore[arg-type]  # place: line or label
+    if DataStyle(cfg.style) is DataStyle.preference and fields == required_fields(cfg):
+        from bigscale.data import preference
+
+        preference.preflight_rows(rows, cfg, str(path))
 
 
 def _check_parquet(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -> None:
@@ -146,6 +155,10 @@ def _check_parquet(path: Path, cfg: DataConfig, fields: list[tuple[str, str]]) -
         if column not in schema.names:
             continue
         kind = schema.field(column).type
+        listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        pairs = DataStyle(cfg.style) is DataStyle.preference
+        if pairs and listed and key in (*TEXT_OR_MESSAGES_KEYS, "data.prompt_field"):
+            continue  # conversations: each row's pair is checked where it is read
         if key == MESSAGES_KEY:
             ok = pa.types.is_list(kind) or pa.types.is_large_list(kind)
             item = kind.value_type if ok else None

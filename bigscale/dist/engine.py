@@ -236,6 +236,15 @@ class Engine:
         }
         return self._engine(**inputs).loss
 
+    def outputs(self, batch: dict[str, torch.Tensor], **extra: Any) -> Any:
+        """The model's whole output for ``batch``'s model inputs plus ``extra`` arguments (a
+        preference objective reads the logits, or per-token log-probs, not the loss)."""
+        inputs = {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in {**model_inputs(batch), **extra}.items()
+        }
+        return self._engine(**inputs)
+
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
 

@@ -189,8 +189,13 @@ class Workload:
         seq_len, source = cfg.data.max_length, "data.max_length"
         if data is not None and not data.packed and data.longest:
             seq_len, source = min(data.longest, seq_len), "longest tokenized example"
+        # A preference micro batch of n pairs is one forward over 2n sequences (chosen and
+        # rejected side by side); the rejected side may be the longer, so max_length bounds it.
+        pairs = cfg.data.style.value == "preference"
+        if pairs:
+            seq_len, source = cfg.data.max_length, "data.max_length (pairs)"
         return cls(
-            micro_batch=cfg.trainer.micro_batch_size,
+            micro_batch=cfg.trainer.micro_batch_size * (2 if pairs else 1),
             seq_len=seq_len,
             checkpointing=m.gradient_checkpointing,
             checkpoint_every=m.checkpoint_every,

@@ -251,6 +251,7 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"speed           {_speed_summary(c)}",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
+    lines += objective_lines(c, plan.shape.data)
     if plan.kind is LauncherKind.slurm:
         lines.append(f"slurm           {_slurm_summary(plan)}")
     lines += _resume_lines(plan)
@@ -269,6 +270,24 @@ def render(plan: Plan, with_memory: bool = True) -> str:
             lines.append(f"memory/GPU      {mem}")
     lines.append(f"command         {redact_text(shlex.join(plan.command()))}")
     return "\n".join(lines)
+
+
+def objective_lines(c: TrainConfig, data: DataStats | None) -> list[str]:
+    """The objective and, for DPO/IPO, the reference pass that runs before the first step."""
+    from bigscale.data.preference import REFERENCE_OBJECTIVES
+
+    o = c.objective
+    if o.name.value == "sft":
+        return []
+    lines = [f"objective       {o.name.value} (beta {o.beta:g})"]
+    if o.name in REFERENCE_OBJECTIVES:
+        pairs = f"the {data.rows:,} training pairs" if data is not None else "the training pairs"
+        lines.append(
+            f"reference       one forward (no backward) over {pairs} and the validation pairs "
+            f"before step 1, {o.reference_batch_size} pairs at a time; cached beside the "
+            "tokenized data, reused by reruns and resumes; no second model in memory"
+        )
+    return lines
 
 
 def _resume_lines(plan: Plan) -> list[str]:

@@ -49,6 +49,30 @@ def chunked_cross_entropy(
     return total / (targets != IGNORE_INDEX).sum()
 
 
+def chunked_token_logps(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Linear, chunk_tokens: int
+) -> torch.Tensor:
+    """Log-probability of each next token under ``head(hidden)``, 0 where the label is -100:
+    ``[batch, length]``, position t scoring the token at t + 1 (a preference objective sums
+    them per sequence), a chunk of positions at a time as ``chunked_cross_entropy``."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    parts = [
+        checkpoint(_token_logps, h, y, head.weight, head.bias, use_reentrant=False)
+        for h, y in zip(
+            flat.split(chunk_tokens), targets.reshape(-1).split(chunk_tokens), strict=True
+        )
+    ]
+    return torch.cat(parts).view(targets.shape)
+
+
+def _token_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return -F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+
+
 def _loss_sum(
     hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -72,7 +96,10 @@ def install_chunked_loss(model: PreTrainedModel, chunk_tokens: int) -> None:
     # generate() reads the forward's signature to decide what to pass (logits_to_keep, ...).
     @functools.wraps(own_forward)
     def forward(
-        input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs: Any
+        input_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_logps: bool = False,
+        **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         if labels is None:
             return own_forward(input_ids=input_ids, **kwargs)
@@ -85,6 +112,10 @@ def install_chunked_loss(model: PreTrainedModel, chunk_tokens: int) -> None:
                 "finetune.modules_to_save, or set model.loss_chunk_tokens=0"
             )
         hidden = model.base_model(input_ids=input_ids, **kwargs).last_hidden_state
+        if token_logps:  # a preference objective's per-token log-probs, in the logits' place
+            return CausalLMOutputWithPast(
+                logits=chunked_token_logps(hidden, labels, head, chunk_tokens)
+            )
         return CausalLMOutputWithPast(
             loss=chunked_cross_entropy(hidden, labels, head, chunk_tokens)
         )

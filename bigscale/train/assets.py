@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bigscale.config.schema import DataConfig, TrainConfig
+from bigscale.config.schema import DataConfig, DataStyle, TrainConfig
 from bigscale.data.tasks import write_arithmetic_task
 from bigscale.errors import ConfigError
 from bigscale.home import data_dir, is_within
@@ -61,4 +61,9 @@ def prepare_assets(cfg: TrainConfig) -> None:
     check_generated_data(d)
     if d.generate_arithmetic:
         paths = [Path(p).expanduser() for p in (d.path, d.validation_path, d.test_path) if p]
-        write_arithmetic_task(*paths, seed=0)
+        if DataStyle(d.style) is DataStyle.preference:  # the same sums as preference pairs
+            from bigscale.data.preference_task import write_preference_task
+
+            write_preference_task(*paths, seed=0)
+        else:
+            write_arithmetic_task(*paths, seed=0)

@@ -19,6 +19,15 @@ log = get_logger(__name__)
 
 LOWER_IS_BETTER = ("eval_loss", "eval_ppl")
 GENERATION_METRICS = ("exact_match",)
+PAIR_EVAL_METRICS = (
+    "eval_rewards/chosen",
+    "eval_rewards/rejected",
+    "eval_rewards/accuracy",
+    "eval_rewards/margin",
+    "eval_logps/chosen",
+    "eval_logps/rejected",
+)
+"""A preference objective's held-out metrics (``bigscale.train.objectives.PAIR_METRICS``)."""
 
 
 def generation_enabled(cfg: TrainConfig) -> bool:
@@ -55,7 +64,7 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"eval.early_stopping.patience={s.patience} must be at least 1")
     if s.min_delta < 0:
         raise ConfigError(f"eval.early_stopping.min_delta={s.min_delta:g} must be >= 0")
-    if s.metric in LOWER_IS_BETTER:
+    if s.metric in LOWER_IS_BETTER or s.metric in PAIR_EVAL_METRICS:
         return
     if not e.during_training:
         raise ConfigError(

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from bigscale.train.early_stop import EarlyStopper, generation_enabled
 from bigscale.train.faults import Faults
 from bigscale.train.guard import StepGuard
 from bigscale.train.metric_fn import load_metric_fn
+from bigscale.train.objectives import TRAIN, VALIDATION
 from bigscale.train.preemption import StopSignals, requeue_slurm_job, signal_name
 from bigscale.train.state import TrainState
 from bigscale.versions import package_versions
@@ -47,6 +48,7 @@ log = get_logger(__name__)
 class StepStats:
     loss: float  # averaged over micro batches and ranks
     skipped: bool  # non-finite: the optimizer left the weights alone
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's (rewards/...)
 
 
 class Trainer:
@@ -96,6 +98,10 @@ class Trainer:
         self.stop_requested = False
         self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
         self.early_stop = EarlyStopper(cfg.eval.early_stopping)
+        # Before resuming: a reference pass must see the initial weights.
+        from bigscale.train.reference import build_objective
+
+        self.objective = build_objective(cfg, self.engine, self.data, env, run_dir, self.precision)
         self.resume()
         if env.is_main:  # what DeepSpeed is given, user JSON merged in: to compare with the plan
             (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=1))
@@ -212,12 +218,15 @@ class Trainer:
         self.engine.train()
         accum, w = self.cfg.trainer.grad_accum, self.window
         loss_sum, tokens, all_tokens = 0.0, 0, 0
+        sums = torch.zeros(self.objective.width, dtype=torch.float64)
         for _ in range(accum):
             PROGRESS.mark("training", self.step + 1)  # the step being trained
             t0 = time.perf_counter()
             batch = next(batches)
             t1 = time.perf_counter()
-            loss = self.faults.loss(self.engine.forward(batch), self.step + 1)
+            out = self.objective.loss(self.engine, batch, TRAIN)
+            sums += out.sums
+            loss = self.faults.loss(out.loss, self.step + 1)
             self.engine.backward(loss)
             loss_sum += float(loss.detach())  # waits for the device: forward and backward done
             t2 = time.perf_counter()
@@ -236,9 +245,14 @@ class Trainer:
         # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
         # learns of a stop signal any rank received, so all stop after the same step.
         total = self._all_reduce_sum(
-            torch.tensor(
-                [loss_sum / accum, tokens, float(self.stop_signals.received), all_tokens],
-                dtype=torch.float64,
+            torch.cat(
+                [
+                    torch.tensor(
+                        [loss_sum / accum, tokens, float(self.stop_signals.received), all_tokens],
+                        dtype=torch.float64,
+                    ),
+                    sums,
+                ]
             )
         )
         mean_loss, step_tokens = float(total[0]) / self.env.world_size, int(total[1])
@@ -248,7 +262,7 @@ class Trainer:
         verdict = self.guard.judge(
             self.step, mean_loss, self.engine.grad_norm, self.engine.step_applied
         )
-        return StepStats(loss=mean_loss, skipped=verdict.skipped)
+        return StepStats(mean_loss, verdict.skipped, self.objective.metrics(total[4:]))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -256,16 +270,19 @@ class Trainer:
         collective under ZeRO-3, so ranks must agree on how many)."""
         self.engine.train(False)
         limit = min(self.cfg.trainer.eval_batches, len(self.data.validation))
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2 + self.objective.width, dtype=torch.float64)
         for i, batch in enumerate(self.data.validation):
             if i >= limit:
                 break
             PROGRESS.mark("evaluation")
-            total += torch.tensor([float(self.engine.forward(batch)), 1.0], dtype=torch.float64)
+            out = self.objective.loss(self.engine, batch, VALIDATION)
+            total[:2] += torch.tensor([float(out.loss), 1.0], dtype=torch.float64)
+            total[2:] += out.sums
         self.engine.train(True)
         total = self._all_reduce_sum(total)
         loss = float(total[0] / total[1]) if total[1] else float("nan")
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+        return {**row, **self.objective.metrics(total[2:], prefix="eval_")}
 
     def _periodic_eval(self) -> bool:
         """Validation loss (and, with ``eval.during_training``, the generation metrics), logged;
@@ -370,6 +387,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "skipped_steps": self.state.skipped_steps,
             "loss_spikes": self.state.loss_spikes,
+            **stats.metrics,
         }
         if self.engine.grad_norm is not None:
             row["grad_norm"] = self.engine.grad_norm
