@@ -43,6 +43,9 @@ def own_run_dir(plan: Plan) -> Iterator[None]:
 
     A Slurm job takes the lease itself when it starts (its id is the owner), so submitting only
     checks. Of a multi-node run, node 0's launcher holds it; the other nodes' take no part."""
+    # The lease is the first thing written into the run directory: a read-only one is named
+    # here with the fix, not by the lease's own mkdir.
+    check_writable(plan.run_dir)
     if plan.kind is LauncherKind.slurm:
         lease.check_free(plan.run_dir)
         yield

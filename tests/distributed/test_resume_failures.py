@@ -14,17 +14,23 @@ from pathlib import Path
 
 import pytest
 
+from bigscale.data.tasks import write_arithmetic_task
 from tests.cli import QUICK, bigscale, explain, train_rows
 from tests.malicious import Payload
 
 pytestmark = pytest.mark.distributed
 
-# The data by relative paths, generated on first use in each run's working directory: a copy
-# of the run gets the same path and (the generator is seeded) the same contents, unless a test
-# writes other contents there.
+# The data by relative paths, written (seeded) into each run's working directory as a user's own
+# files: a copy of the run gets the same path and the same contents, unless a test writes other
+# contents there.
+SPLITS = ("train", "validation", "test")
 DATA = [
-    f"data.{key}=data/{name}.jsonl"
-    for key, name in (("path", "train"), ("validation_path", "validation"), ("test_path", "test"))
+    "data=sft_files",
+    "data.max_length=16",
+    *(
+        f"data.{key}=data/{name}.jsonl"
+        for key, name in zip(("path", "validation_path", "test_path"), SPLITS, strict=True)
+    ),
 ]
 ARGS = [
     "train",
@@ -36,9 +42,14 @@ ARGS = [
 ]
 
 
+def write_data(work: Path) -> None:
+    write_arithmetic_task(*(work / "data" / f"{name}.jsonl" for name in SPLITS), seed=0)
+
+
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> Path:
     work = tmp_path_factory.mktemp("resume_original")
+    write_data(work)
     proc = bigscale([*ARGS, f"run_dir={work / 'run'}"], work, bigscale_home)
     assert proc.returncode == 0, explain(proc)
     return work / "run"
@@ -47,6 +58,7 @@ def original(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> P
 def copy_run(original: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(original, run)
+    write_data(tmp_path)
     return run
 
 
@@ -182,7 +194,6 @@ def test_new_data_under_the_same_path_is_refused_and_changes_nothing(
     original: Path, tmp_path: Path, bigscale_home: Path
 ) -> None:
     run = copy_run(original, tmp_path)
-    shutil.copytree(original.parent / "data", tmp_path / "data")
     train = tmp_path / "data" / "train.jsonl"
     train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))  # one row less
     before = run_record(run)
@@ -267,6 +278,7 @@ def test_disk_full_during_a_save_is_one_error_and_keeps_the_last_checkpoint(
         run = small / "run"
         # Only the checkpoints on the small disk: the tokenized data and W&B elsewhere or off.
         extra = [f"data.cache_dir={tmp_path / 'cache'}", "logger.mode=disabled"]
+        write_data(tmp_path)
         proc = bigscale([*ARGS, f"run_dir={run}", *extra], tmp_path, bigscale_home)
         error = one_error(proc)
         print(error)  # what the user reads, for the test log
