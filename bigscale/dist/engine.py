@@ -24,7 +24,9 @@ from transformers.integrations import HfDeepSpeedConfig
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.data.collate import model_inputs
 from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
+from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS
 from bigscale.dist.env import DistEnv
+from bigscale.dist.layout import data_parallel_size
 from bigscale.errors import CheckpointError
 
 
@@ -78,7 +80,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.global_batch(world_size),
+        "train_batch_size": t.global_batch(data_parallel_size(s, world_size)),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # A bf16 step with a non-finite gradient norm is skipped, as fp16 and fp32 ones are.
@@ -204,11 +206,22 @@ class Engine:
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         optimizer = _build_optimizer(model, cfg)
         schedule = lr_lambda(cfg.optim, max_steps)
+        mpu = None
+        if cfg.strategy.sequence_parallel_size > 1:
+            from bigscale.dist import sequence_parallel
+
+            mpu = sequence_parallel.enable(
+                model,
+                cfg.strategy.sequence_parallel_size,
+                cfg.trainer.micro_batch_size,
+                cfg.model.name_or_path,
+            )
         self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule),
             config=ds_config,
+            mpu=mpu,
         )
         if cfg.model.compile:
             self._engine.compile()
@@ -234,7 +247,13 @@ class Engine:
             k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in model_inputs(batch).items()
         }
-        return self._engine(**inputs).loss
+        if SHIFT_LABELS not in batch:
+            return self._engine(**inputs).loss
+        # A sequence-parallel slice: the loss needs the labels shifted before the cut.
+        from bigscale.dist.sequence_parallel import shard_loss
+
+        logits = self._engine(**inputs).logits
+        return shard_loss(logits, batch[SHIFT_LABELS], int(batch[LOSS_TOKENS]))
 
     def backward(self, loss: torch.Tensor) -> None:
         self._engine.backward(loss)
