@@ -26,7 +26,6 @@ from bigscale.data.collate import model_inputs
 from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
 from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS
 from bigscale.dist.env import DistEnv
-from bigscale.dist.layout import data_parallel_size
 from bigscale.errors import CheckpointError
 
 
@@ -80,7 +79,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.global_batch(data_parallel_size(s, world_size)),
+        # DeepSpeed checks this against the ranks it knows when reading its config: without the
+        # sequence-parallel ranks (given as mpu) but with the tensor-parallel ones (their groups
+        # come later). bigscale's global batch counts only the data-parallel ranks.
+        "train_batch_size": t.global_batch(world_size // s.sequence_parallel_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # A bf16 step with a non-finite gradient norm is skipped, as fp16 and fp32 ones are.
@@ -91,6 +93,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if s.tensor_parallel_size > 1:
+        # AutoTP training: DeepSpeed shards the linear layers over consecutive ranks.
+        ds["tensor_parallel"] = {"autotp_size": s.tensor_parallel_size}
     if s.deepspeed_config:
         user = json.loads(Path(s.deepspeed_config).read_text())
         ds = _deep_merge(ds, user)

@@ -75,6 +75,16 @@ def check(overrides: list[str], world_size: int) -> None:
             ["set one of them to 1"],
         ),
         (["strategy.sequence_parallel_size=0"], 2, ["at least 1"]),
+        (
+            ["strategy.tensor_parallel_size=2", "eval.exact_match=false"],
+            2,
+            ["export.at_end=false"],
+        ),
+        (
+            ["strategy.tensor_parallel_size=2", "eval.exact_match=true", "export.at_end=false"],
+            2,
+            ["eval.exact_match=false"],
+        ),
     ],
 )
 def test_bad_layouts_are_refused_with_the_fix(
@@ -89,7 +99,8 @@ def test_bad_layouts_are_refused_with_the_fix(
 def test_good_layouts_pass(tiny: Path) -> None:
     check([f"model.name_or_path={tiny}", "strategy.sequence_parallel_size=2"], 4)
     check([f"model.name_or_path={tiny}", "strategy.sequence_parallel_size=4"], 4)
-    check([f"model.name_or_path={tiny}", "strategy.tensor_parallel_size=2"], 2)
+    tp = ["strategy.tensor_parallel_size=2", "eval.exact_match=false", "export.at_end=false"]
+    check([f"model.name_or_path={tiny}", *tp], 2)
 
 
 def test_resume_on_another_layout_is_refused_naming_what_may_change() -> None:

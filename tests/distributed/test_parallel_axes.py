@@ -1,7 +1,7 @@
-"""Ulysses sequence parallelism on real DeepSpeed engines, 2 processes on gloo: a run whose every
-sequence is split across 2 ranks trains exactly as one rank holding the whole sequence (same
-global batch, per-step losses equal to float32 rounding), and resumes from its own checkpoint to
-the same losses.
+"""Sequence and tensor parallelism on real DeepSpeed engines, 2 processes on gloo: a run whose
+every sequence is split across 2 ranks (Ulysses), and one whose every weight matrix is (AutoTP),
+train exactly as one rank holding everything (same global batch, per-step losses equal to
+float32 rounding); the split-sequence run resumes from its own checkpoint to the same losses.
 
 The data is packed (2-3 documents per row), so this also shows that packed documents stay apart
 under sequence parallelism: the 1-rank run keeps them apart with transformers' block-diagonal
@@ -33,7 +33,7 @@ ARGS = [
     "checkpoint.every_steps=2",
     "trainer.eval_batches=2",
     "trainer.progress_bar=false",
-    "eval.max_examples=0",
+    "eval.exact_match=false",
     "export.at_end=false",
     "logger=disabled",
     "data.packing=true",
@@ -55,6 +55,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
     out = {
         "one": train(work / "one", bigscale_home, "launcher.nproc_per_node=1"),
         "sp2": train(work / "sp2", bigscale_home, *SP2),
+        "tp2": train(
+            work / "tp2",
+            bigscale_home,
+            "strategy.tensor_parallel_size=2",
+            "launcher.nproc_per_node=2",
+            "checkpoint.every_steps=0",
+        ),
     }
     # The split run again from its step-2 checkpoint, into a new run directory.
     step2 = out["sp2"] / "checkpoints" / "step_00000002"
@@ -79,10 +86,19 @@ def test_split_sequences_train_as_whole_ones(runs: dict[str, Path]) -> None:
     assert eval_loss(runs["sp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
 
 
+def test_split_weights_train_as_whole_ones(runs: dict[str, Path]) -> None:
+    one, tp2 = losses(runs["one"]), losses(runs["tp2"])
+    assert list(tp2) == [1, 2, 3, 4]
+    for step in one:
+        assert tp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, tp2)
+    assert eval_loss(runs["tp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+
+
 def test_tokens_are_counted_once_per_sequence(runs: dict[str, Path]) -> None:
     # Two ranks hold halves of the same sequences: the real-token share is the unsplit run's.
     share = {name: [r["real_token_share"] for r in train_rows(runs[name])] for name in runs}
     assert share["sp2"] == pytest.approx(share["one"])
+    assert share["tp2"] == pytest.approx(share["one"])
 
 
 def test_resume_under_sequence_parallelism_is_exact(runs: dict[str, Path]) -> None:
