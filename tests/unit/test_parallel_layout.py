@@ -139,3 +139,27 @@ def test_document_mask_keeps_packed_documents_apart() -> None:
     assert mask[2].tolist() == [True, True, True, False, False, False]
     assert mask[5].tolist() == [False] * 5 + [True]
     assert document_mask(torch.arange(6)[None]) is None  # one document: plain causal
+
+
+def test_memory_plan_divides_activations_by_sequence_and_weights_by_tensor_ranks() -> None:
+    from dataclasses import replace
+
+    from bigscale.config.schema import Precision, StrategyConfig
+    from bigscale.launch.memory import ModelShape, Workload, estimate
+
+    shape = ModelShape.from_config(
+        __import__("transformers").LlamaConfig(
+            hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, vocab_size=32000
+        ),
+        params=1_000_000_000,
+    )
+    work = Workload(micro_batch=1, seq_len=32768)
+    zero2 = StrategyConfig(name="zero2", zero_stage=2)
+    base = estimate(shape, zero2, Precision.bf16, 8, work)
+    sp = estimate(shape, replace(zero2, sequence_parallel_size=4), Precision.bf16, 8, work)
+    assert sp.activations_gib == pytest.approx(base.activations_gib / 4)
+    assert sp.weights_gib == base.weights_gib and sp.optimizer_gib == base.optimizer_gib
+    tp = estimate(shape, replace(zero2, tensor_parallel_size=2), Precision.bf16, 8, work)
+    assert tp.weights_gib == pytest.approx(base.weights_gib / 2)
+    # ZeRO-2 now partitions the optimizer over 4 data-parallel ranks, each holding half.
+    assert tp.optimizer_gib == pytest.approx(base.optimizer_gib * 8 / 4 / 2)
