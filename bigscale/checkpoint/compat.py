@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from bigscale.config.schema import DataConfig, FinetuneConfig, FinetuneMethod, TrainConfig
+from bigscale.dist.layout import data_parallel_size
 
 GLOBAL_BATCH = "global batch (micro_batch_size x grad_accum x ranks)"
 LAYOUT = ("trainer.micro_batch_size", "trainer.grad_accum", "ranks")
@@ -57,14 +58,26 @@ def fingerprint(
         "data.streaming": cfg.data.streaming,
         "data.mixture": [[m.path, m.weight] for m in cfg.data.mixture],
         **{f"{CONTENTS}{key}": value for key, value in (contents or {}).items()},
-        GLOBAL_BATCH: t.global_batch(world_size),
+        GLOBAL_BATCH: t.global_batch(data_parallel_size(cfg.strategy, world_size)),
         "trainer.micro_batch_size": t.micro_batch_size,
         "trainer.grad_accum": t.grad_accum,
         "ranks": world_size,
         "strategy.zero_stage": cfg.strategy.zero_stage,
+        **_axes(cfg),
         "trainer.seed": t.seed,
         **_finetune(cfg.finetune),
     }
+
+
+AXES = ("strategy.sequence_parallel_size", "strategy.tensor_parallel_size")
+
+
+def _axes(cfg: TrainConfig) -> dict[str, int]:
+    """The model-parallel sizes: only recorded when used, so checkpoints of plain data-parallel
+    runs (and older ones) compare as before."""
+    s = cfg.strategy
+    sizes = dict(zip(AXES, (s.sequence_parallel_size, s.tensor_parallel_size), strict=True))
+    return {k: v for k, v in sizes.items() if v > 1}
 
 
 def _finetune(f: FinetuneConfig) -> dict[str, Any]:
@@ -83,11 +96,19 @@ def _finetune(f: FinetuneConfig) -> dict[str, Any]:
 def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     now = current.get(GLOBAL_BATCH)
     same_global_batch = saved.get(GLOBAL_BATCH, now) == now
-    return [
+    found = [
         _describe(key, saved[key], value)
         for key, value in current.items()
-        if key in saved and saved[key] != value and not (same_global_batch and key in LAYOUT)
+        if key in saved
+        and saved[key] != value
+        and not (same_global_batch and key in LAYOUT)
+        and key not in AXES
     ]
+    # Absent means 1 (not recorded for plain data parallel, nor before the axes existed).
+    for key in AXES:
+        if saved.get(key, 1) != current.get(key, 1):
+            found.append(_describe(key, saved.get(key, 1), current.get(key, 1)))
+    return found
 
 
 def _describe(key: str, saved: Any, now: Any) -> str:
@@ -95,5 +116,12 @@ def _describe(key: str, saved: Any, now: Any) -> str:
         return (
             f"the contents of {key.removeprefix(CONTENTS)} changed since the checkpoint was "
             f"written (content key {str(saved)[:12]} then, {str(now)[:12]} now)"
+        )
+    if key in AXES:
+        return (
+            f"{key}: {saved!r} in the checkpoint, {now!r} now (bigscale resumes only on the "
+            f"layout that wrote a checkpoint; what may change is trainer.micro_batch_size, "
+            f"trainer.grad_accum and the number of data-parallel ranks, while the global batch "
+            f"stays; `bigscale export` reads a checkpoint of any layout)"
         )
     return f"{key}: {saved!r} in the checkpoint, {now!r} now"

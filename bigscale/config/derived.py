@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bigscale.config.schema import TrainConfig
+from bigscale.dist.layout import data_parallel_size
 from bigscale.errors import ConfigError
 
 
@@ -68,13 +69,15 @@ def derive(cfg: TrainConfig, world_size: int, data: DataStats | None) -> RunShap
     """The run's shape; with ``trainer.epochs`` the data's counts are required and
     ``optim.warmup_steps`` is checked against the steps they make."""
     t = cfg.trainer
-    batch = t.global_batch(world_size)
+    # The ranks of one sequence- or tensor-parallel group share a batch: only replicas count.
+    dp = data_parallel_size(cfg.strategy, world_size)
+    batch = t.global_batch(dp)
     if t.epochs is None:
         return RunShape(world_size, batch, t.max_steps, "trainer.max_steps", data)
     if data is None:
         raise ValueError("trainer.epochs needs the training data's counts")
     steps, per_rank, batches = epoch_steps(
-        t.epochs, data.rows, world_size, t.micro_batch_size, t.grad_accum, data.packed
+        t.epochs, data.rows, dp, t.micro_batch_size, t.grad_accum, data.packed
     )
     warmup = cfg.optim.warmup_steps
     if warmup >= steps:
@@ -84,7 +87,7 @@ def derive(cfg: TrainConfig, world_size: int, data: DataStats | None) -> RunShap
             f"optim.warmup_steps={warmup}; lower optim.warmup_steps or raise trainer.epochs"
         )
     reason = (
-        f"from trainer.epochs={t.epochs:g}: {data.rows} {data.unit} / {world_size} ranks = "
+        f"from trainer.epochs={t.epochs:g}: {data.rows} {data.unit} / {dp} ranks = "
         f"{per_rank} per rank = {batches} micro batches of {t.micro_batch_size}, "
         f"{t.grad_accum} per step"
     )

@@ -270,6 +270,13 @@ class StrategyConfig:
     deepspeed_config: str | None = None
     """Path to a DeepSpeed JSON merged over the generated config (escape hatch). Batch sizes,
     precision and clipping come from the bigscale config and may not be set here."""
+    sequence_parallel_size: int = 1
+    """Ranks that share each sequence (DeepSpeed Ulysses: attention heads are exchanged with an
+    all-to-all, everything else sees 1/N of the tokens). Needs ZeRO 1-3, attention and KV heads
+    divisible by N and sdpa or flash attention; ``trainer.micro_batch_size`` sequences are then
+    computed by N ranks together, so the data-parallel size is world size / N."""
+    tensor_parallel_size: int = 1
+    """Ranks that share every weight matrix (DeepSpeed AutoTP training), ZeRO 0-2 only."""
 
 
 @dataclass
@@ -340,10 +347,12 @@ class TrainerConfig:
     loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
     """What a sudden jump of the training loss does."""
 
-    def global_batch(self, world_size: int) -> int:
-        """Sequences per optimizer step. The one place it is computed: the plan, validation,
-        the DeepSpeed config and the resume fingerprint all ask here."""
-        return self.micro_batch_size * self.grad_accum * world_size
+    def global_batch(self, dp_size: int) -> int:
+        """Sequences per optimizer step, given the data-parallel size (world size over the
+        sequence- and tensor-parallel sizes: the ranks of one replica share its batch). The one
+        place it is computed: the plan, validation, the DeepSpeed config and the resume
+        fingerprint all ask here."""
+        return self.micro_batch_size * self.grad_accum * dp_size
 
 
 class StopMode(str, Enum):

@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigscale.config.parallel import check_layout
 from bigscale.config.schema import ALL_LINEAR, FinetuneMethod, Precision, TrainConfig
+from bigscale.dist.layout import data_parallel_size
 from bigscale.errors import ConfigError
 
 # Keys that bigscale derives from its own config; a user DeepSpeed JSON may not set them, or the
@@ -68,6 +70,7 @@ def resolve_nproc(value: str, hw: Hardware) -> int:
 def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
     """Raise ConfigError on the first impossible combination."""
     _check_finite(cfg)
+    check_layout(cfg, world_size)
     _check_trainer(cfg, world_size)
     _check_strategy(cfg, hw)
     _check_optim(cfg)
@@ -102,16 +105,17 @@ def _check_trainer(cfg: TrainConfig, world_size: int) -> None:
         )
     if t.eval_every < 0:
         raise ConfigError(f"trainer.eval_every={t.eval_every} must be 0 (end only) or positive")
-    actual = t.global_batch(world_size)
+    dp = data_parallel_size(cfg.strategy, world_size)
+    actual = t.global_batch(dp)
     if t.global_batch_size is not None and t.global_batch_size != actual:
         hint = ""
-        per_rank = t.micro_batch_size * world_size
+        per_rank = t.micro_batch_size * dp
         if t.global_batch_size % per_rank == 0:
             hint = f"; for that, set trainer.grad_accum={t.global_batch_size // per_rank}"
         raise ConfigError(
             f"impossible batch math: trainer.global_batch_size={t.global_batch_size} but "
             f"micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x "
-            f"{world_size} data-parallel ranks = {actual}{hint}"
+            f"{dp} data-parallel ranks = {actual}{hint}"
         )
 
 

@@ -271,14 +271,18 @@ def build_loader(
     shuffle: bool,
     split: str = "training",
     packed: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[DataLoader, ResumableDistributedSampler]:
     """A loader over this rank's share of ``ds``, and its sampler (for epochs and resuming).
-    ``split`` and ``packed`` only word the error for a split smaller than the ranks."""
+    ``split`` and ``packed`` only word the error for a split smaller than the ranks. ``shard``
+    (data-parallel rank, size; default: this rank of the world) names the share: the ranks of
+    one sequence- or tensor-parallel group read the same one."""
+    rank, ranks = shard or (env.rank, env.world_size)
     sampler = ResumableDistributedSampler(
-        len(ds), rank=env.rank, world_size=env.world_size, seed=seed, shuffle=shuffle
+        len(ds), rank=rank, world_size=ranks, seed=seed, shuffle=shuffle
     )
     if len(ds) > 0 and len(sampler) == 0:
-        raise too_few_rows(split, len(ds), env.world_size, packed)
+        raise too_few_rows(split, len(ds), ranks, packed)
     loader = DataLoader(
         ds,
         batch_size=micro_batch_size,
@@ -291,6 +295,6 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         # Every new loader iterator draws a seed for its workers; from its own generator, not
         # the global one, so evaluation or a restart never shifts the dropout masks of training.
-        generator=torch.Generator().manual_seed(seed + env.rank),
+        generator=torch.Generator().manual_seed(seed + rank),
     )
     return loader, sampler

@@ -136,6 +136,12 @@ def lazy_consolidated_weights(checkpoint_root: Path, tag: str) -> dict[str, Lazy
     asked for. The shard files are memory-mapped, so exporting a model needs about one tensor
     (or one output shard) of memory, not the model. Tied parameters map to the same object."""
     tag_dir = Path(checkpoint_root) / tag
+    if (tag_dir / "mp_rank_01_model_states.pt").exists():
+        raise CheckpointError(
+            f"{tag_dir} was written with strategy.tensor_parallel_size > 1: each rank holds a "
+            "slice of the weights, and bigscale cannot gather them into a Hugging Face model "
+            "yet (an export would hold half-size matrices)"
+        )
     with weights_only_loading():
         optim_files = sorted(tag_dir.glob("*optim_states.pt"))
         if not optim_files:  # ZeRO stage 0 keeps the whole module in one file

@@ -24,6 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.data.collate import model_inputs
 from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
+from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
 
@@ -78,7 +79,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.global_batch(world_size),
+        # DeepSpeed checks this against the ranks it knows when reading its config: without the
+        # sequence-parallel ranks (given as mpu) but with the tensor-parallel ones (their groups
+        # come later). bigscale's global batch counts only the data-parallel ranks.
+        "train_batch_size": t.global_batch(world_size // s.sequence_parallel_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         # A bf16 step with a non-finite gradient norm is skipped, as fp16 and fp32 ones are.
@@ -89,6 +93,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if s.tensor_parallel_size > 1:
+        # AutoTP training: DeepSpeed shards the linear layers over consecutive ranks.
+        ds["tensor_parallel"] = {"autotp_size": s.tensor_parallel_size}
     if s.deepspeed_config:
         user = json.loads(Path(s.deepspeed_config).read_text())
         ds = _deep_merge(ds, user)
@@ -204,11 +211,22 @@ class Engine:
         self.zero_stage = int(ds_config["zero_optimization"]["stage"])
         optimizer = _build_optimizer(model, cfg)
         schedule = lr_lambda(cfg.optim, max_steps)
+        mpu = None
+        if cfg.strategy.sequence_parallel_size > 1:
+            from bigscale.dist import sequence_parallel
+
+            mpu = sequence_parallel.enable(
+                model,
+                cfg.strategy.sequence_parallel_size,
+                cfg.trainer.micro_batch_size,
+                cfg.model.name_or_path,
+            )
         self._engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=lambda opt: LambdaLR(opt, schedule),
             config=ds_config,
+            mpu=mpu,
         )
         if cfg.model.compile:
             self._engine.compile()
@@ -234,7 +252,13 @@ class Engine:
             k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in model_inputs(batch).items()
         }
-        return self._engine(**inputs).loss
+        if SHIFT_LABELS not in batch:
+            return self._engine(**inputs).loss
+        # A sequence-parallel slice: the loss needs the labels shifted before the cut.
+        from bigscale.dist.sequence_parallel import shard_loss
+
+        logits = self._engine(**inputs).logits
+        return shard_loss(logits, batch[SHIFT_LABELS], int(batch[LOSS_TOKENS]))
 
     def outputs(self, batch: dict[str, torch.Tensor], **extra: Any) -> Any:
         """The model's whole output for ``batch``'s model inputs plus ``extra`` arguments (a

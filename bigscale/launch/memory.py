@@ -247,20 +247,26 @@ def estimate(
     dp_ranks: int,
     work: Workload | None = None,
 ) -> MemoryEstimate:
-    """Per-GPU memory; activations only when a ``work`` load is given."""
+    """Per-GPU memory; activations only when a ``work`` load is given. ``dp_ranks``: all the
+    ranks of the job. Tensor parallelism divides weights, gradients and optimizer state by its
+    size and ZeRO partitions over the rest; sequence parallelism leaves the weights whole (ZeRO
+    partitions over every rank) and divides the activations, each rank holding 1/N of the
+    tokens (attention's all-to-all holds the whole sequence only for 1/N of the heads)."""
     half = precision in (Precision.bf16, Precision.fp16)
     weight_bytes, grad_bytes = (2, 2) if half else (4, 4)
     optim_bytes = 12 if half else 8
     trainable = shape.params if shape.trainable is None else shape.trainable
     stage = strategy.zero_stage
-    weights = shape.params * weight_bytes / (dp_ranks if stage >= 3 else 1)
-    grads = trainable * grad_bytes / (dp_ranks if stage >= 2 else 1)
-    optim = trainable * optim_bytes / (dp_ranks if stage >= 1 else 1)
+    tp, sp = strategy.tensor_parallel_size, strategy.sequence_parallel_size
+    zero_ranks = max(1, dp_ranks // tp)
+    weights = shape.params * weight_bytes / tp / (zero_ranks if stage >= 3 else 1)
+    grads = trainable * grad_bytes / tp / (zero_ranks if stage >= 2 else 1)
+    optim = trainable * optim_bytes / tp / (zero_ranks if stage >= 1 else 1)
     if strategy.offload_optimizer:
         optim = 0.0
     if strategy.offload_params:
         weights = 0.0
-    acts = activations(shape, work, precision).peak if work else 0.0
+    acts = activations(shape, work, precision).peak / sp if work else 0.0
     return MemoryEstimate(
         shape.params, weights / GIB, grads / GIB, optim / GIB, acts / GIB, trainable
     )

@@ -14,8 +14,9 @@ from pathlib import Path
 from bigscale.checkpoint.select import select_resume_point
 from bigscale.config.derived import DataStats, RunShape, derive
 from bigscale.config.redact import redact_text
-from bigscale.config.schema import LauncherKind, Precision, TrainConfig
+from bigscale.config.schema import LauncherKind, Precision, StrategyConfig, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision, validate
+from bigscale.dist.layout import layout_of
 from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
 from bigscale.launch.memory import (
@@ -242,8 +243,10 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         + (f"; {plan.strategy_reason}" if plan.strategy_reason else ""),
         f"precision       {plan.precision.value} on {device}",
         f"ranks           {plan.topology.describe()}",
+        *_layout_lines(plan),
         f"batch           {t.micro_batch_size} micro x {t.grad_accum} accum x "
-        f"{plan.world_size} ranks = {plan.global_batch} sequences/step, at most "
+        f"{plan.global_batch // (t.micro_batch_size * t.grad_accum)} ranks = "
+        f"{plan.global_batch} sequences/step, at most "
         f"{plan.global_batch * c.data.max_length:,} tokens/step",
         f"steps           {plan.shape.steps_text()}",
         f"schedule        lr {c.optim.lr:g}, {c.optim.schedule.value}, warmup "
@@ -264,7 +267,9 @@ def render(plan: Plan, with_memory: bool = True) -> str:
                 f"memory/GPU      {est.total_gib:.2f} GiB estimated for {est.params / 1e6:.1f}M "
                 f"params: weights {est.weights_gib:.2f}, grads {est.grads_gib:.2f}, optimizer "
                 f"{est.optimizer_gib:.2f}, activations {est.activations_gib:.2f} "
-                f"({work.micro_batch} x {work.seq_len} tokens: {work.seq_from})"
+                f"({work.micro_batch} x {work.seq_len} tokens: {work.seq_from}"
+                + _split_note(c.strategy)
+                + ")"
             )
         else:
             lines.append(f"memory/GPU      {mem}")
@@ -288,6 +293,28 @@ def objective_lines(c: TrainConfig, data: DataStats | None) -> list[str]:
             "tokenized data, reused by reruns and resumes; no second model in memory"
         )
     return lines
+
+
+def _split_note(s: StrategyConfig) -> str:
+    notes = []
+    if s.sequence_parallel_size > 1:
+        notes.append(f"activations / {s.sequence_parallel_size} sequence ranks")
+    if s.tensor_parallel_size > 1:
+        notes.append(f"weights, grads, optimizer / {s.tensor_parallel_size} tensor ranks")
+    return "".join(f"; {n}" for n in notes)
+
+
+def _layout_lines(plan: Plan) -> list[str]:
+    layout = layout_of(plan.cfg.strategy, plan.world_size)
+    if layout.replica == 1:
+        return []
+    axis = "sequence" if layout.sp > 1 else "tensor"
+    return [
+        f"layout          {layout.describe()}: each micro batch is computed by {layout.replica} "
+        f"consecutive ranks ({axis} axis, inside a node when launcher.nproc_per_node is a "
+        f"multiple of {layout.replica}); the data is shared out over the {layout.dp} "
+        "data-parallel ranks"
+    ]
 
 
 def _resume_lines(plan: Plan) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -12,7 +13,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from bigscale.config.derived import DataStats
 from bigscale.config.schema import TrainConfig
 from bigscale.data.pipeline import build_datasets, build_loader
+from bigscale.data.shard import shard_batch
 from bigscale.dist.env import DistEnv
+from bigscale.dist.layout import layout_of
 from bigscale.logging import get_logger
 from bigscale.train.state import TrainState
 
@@ -28,6 +31,8 @@ class DataFeed:
         run_dir: Path,
     ):
         self.cfg, self.env = cfg, env
+        self.layout = layout_of(cfg.strategy, env.world_size)
+        shard = (self.layout.dp_rank(env.rank), self.layout.dp)
         t = cfg.trainer
         self.data = build_datasets(cfg.data, tokenizer, env, t.seed, cache_dir(cfg, run_dir))
         self.stream = self.data.stream
@@ -43,6 +48,7 @@ class DataFeed:
                 t.num_workers,
                 shuffle=True,
                 packed=self.data.packed,
+                shard=shard,
             )
         self.validation = build_loader(
             self.data.validation,
@@ -54,7 +60,8 @@ class DataFeed:
             shuffle=False,
             split="validation",
             packed=self.data.packed,
-        )[0]
+            shard=shard,
+        )[0]  # whole sequences: evaluation does not split them (sequence_parallel.py)
 
     @property
     def stats(self) -> DataStats | None:
@@ -67,14 +74,20 @@ class DataFeed:
     def batches(self, position: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """Micro batches forever, from ``position``, which they keep up to date."""
         if self.stream is not None:
-            return self.stream.batches(position, self.cfg.trainer.micro_batch_size)
-        return self._sampled_batches(position)
+            return self._sliced(self.stream.batches(position, self.cfg.trainer.micro_batch_size))
+        return self._sliced(self._sampled_batches(position))
+
+    def _sliced(self, batches: Any) -> Any:
+        """Under sequence parallelism, each rank's slice of the batches; else the batches."""
+        if self.layout.sp == 1:
+            return batches
+        return SequenceSlices(batches, self.layout.sp_rank(self.env.rank), self.layout.sp)
 
     def _sampled_batches(self, pos: TrainState) -> Iterator[dict[str, torch.Tensor]]:
         """Epoch after epoch, starting where the state says: a resumed run continues mid-epoch
         right after the last sample all ranks had taken, on any number of ranks, skipping
         nothing and repeating nothing."""
-        mbs, ranks = self.cfg.trainer.micro_batch_size, self.env.world_size
+        mbs, ranks = self.cfg.trainer.micro_batch_size, self.layout.dp
         while True:
             start = pos.samples_in_epoch
             self.sampler.load_state_dict({"epoch": pos.epoch, "start": start, "consumed": 0})
@@ -109,6 +122,19 @@ class DataFeed:
             f"{r.loss_tokens:,}",
             len(self.data.validation),
         )
+
+
+class SequenceSlices:
+    """This rank's slice of every training batch of ``batches``."""
+
+    def __init__(self, batches: Any, sp_rank: int, sp: int):
+        self.batches, self.sp_rank, self.sp = batches, sp_rank, sp
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return shard_batch(next(self.batches), self.sp_rank, self.sp)
 
 
 def cache_dir(cfg: TrainConfig, run_dir: Path) -> Path:

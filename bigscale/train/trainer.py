@@ -22,6 +22,7 @@ from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
+from bigscale.dist.layout import layout_of
 from bigscale.dist.watchdog import PROGRESS, StallWatchdog
 from bigscale.errors import CheckpointError, DataError
 from bigscale.logging import get_logger
@@ -54,6 +55,7 @@ class StepStats:
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
+        self.layout = layout_of(cfg.strategy, env.world_size)
         self.precision = resolve_precision(cfg.trainer.precision, Hardware.detect())
         torch.manual_seed(cfg.trainer.seed)
 
@@ -238,8 +240,9 @@ class Trainer:
             w.compute_s += t2 - t1
             w.optimizer_s += time.perf_counter() - t2
             w.add_micro_batch(int(batch["input_ids"].shape[1]))
-            tokens += int(batch["num_tokens"])
-            all_tokens += int(batch["input_ids"].numel())
+            if self.layout.counts_data(self.env.rank):  # once per replica, not per slice
+                tokens += int(batch["num_tokens"])
+                all_tokens += int(batch["input_ids"].numel()) * self.layout.sp
         self.state.step += 1
         PROGRESS.mark("training", self.step)
         # Every rank judges the step on the same numbers (a NaN on one rank is a NaN for all) and
@@ -255,7 +258,7 @@ class Trainer:
                 ]
             )
         )
-        mean_loss, step_tokens = float(total[0]) / self.env.world_size, int(total[1])
+        mean_loss, step_tokens = float(total[0]) / self.layout.loss_divisor, int(total[1])
         self.stop_requested = bool(total[2] > 0)
         self.state.tokens_seen += step_tokens
         w.end_step(step_tokens, int(total[3]))

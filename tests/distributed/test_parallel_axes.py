@@ -1,0 +1,133 @@
+"""Sequence and tensor parallelism on real DeepSpeed engines, 2 processes on gloo: a run whose
+every sequence is split across 2 ranks (Ulysses), and one whose every weight matrix is (AutoTP),
+train exactly as one rank holding everything (same global batch, per-step losses equal to
+float32 rounding); the split-sequence run resumes from its own checkpoint to the same losses.
+
+The data is packed (2-3 documents per row), so this also shows that packed documents stay apart
+under sequence parallelism: the 1-rank run keeps them apart with transformers' block-diagonal
+mask, and the split run's attention sees the whole sequence only after DeepSpeed's all-to-all,
+where bigscale rebuilds the mask from the gathered position ids. A document attending to
+another would change the loss far beyond the tolerance below. Likewise a label shifted after the
+cut instead of before would lose the prediction at each slice boundary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli import bigscale, explain, metrics, train_rows
+from tests.e2e.test_bad_input import assert_user_error
+
+pytestmark = pytest.mark.distributed
+
+ARGS = [
+    "model.name_or_path=${oc.env:BIGSCALE_HOME}/models/tiny-nodropout",
+    "model.create_if_missing.dropout=0.0",  # dropout masks would differ between the layouts
+    "trainer.precision=fp32",
+    "trainer.max_steps=4",
+    "optim.warmup_steps=1",
+    "trainer.micro_batch_size=4",
+    "trainer.grad_accum=2",
+    "trainer.log_every=1",
+    "checkpoint.every_steps=2",
+    "trainer.eval_batches=2",
+    "trainer.progress_bar=false",
+    "eval.exact_match=false",
+    "export.at_end=false",
+    "logger=disabled",
+    "data.packing=true",
+    "data.max_length=32",
+    "strategy=zero2",
+]
+SP2 = ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=2"]
+
+
+def train(run_dir: Path, home: Path, *extra: str) -> Path:
+    proc = bigscale(["train", f"run_dir={run_dir}", *ARGS, *extra], cwd=run_dir.parent, home=home)
+    assert proc.returncode == 0, explain(proc)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("sequence_parallel")
+    out = {
+        "one": train(work / "one", bigscale_home, "launcher.nproc_per_node=1"),
+        "sp2": train(work / "sp2", bigscale_home, *SP2),
+        "tp2": train(
+            work / "tp2",
+            bigscale_home,
+            "strategy.tensor_parallel_size=2",
+            "launcher.nproc_per_node=2",
+            "checkpoint.every_steps=0",
+        ),
+    }
+    # The split run again from its step-2 checkpoint, into a new run directory.
+    step2 = out["sp2"] / "checkpoints" / "step_00000002"
+    out["resumed"] = train(work / "resumed", bigscale_home, *SP2, f"resume={step2}")
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in train_rows(run_dir)}
+
+
+def eval_loss(run_dir: Path) -> float:
+    return next(r["eval_loss"] for r in reversed(metrics(run_dir)) if "eval_loss" in r)
+
+
+def test_split_sequences_train_as_whole_ones(runs: dict[str, Path]) -> None:
+    one, sp2 = losses(runs["one"]), losses(runs["sp2"])
+    assert list(one) == list(sp2) == [1, 2, 3, 4]
+    assert one[4] < one[1]  # it learns
+    for step in one:
+        assert sp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, sp2)
+    assert eval_loss(runs["sp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+
+
+def test_split_weights_train_as_whole_ones(runs: dict[str, Path]) -> None:
+    one, tp2 = losses(runs["one"]), losses(runs["tp2"])
+    assert list(tp2) == [1, 2, 3, 4]
+    for step in one:
+        assert tp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, tp2)
+    assert eval_loss(runs["tp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+
+
+def test_tokens_are_counted_once_per_sequence(runs: dict[str, Path]) -> None:
+    # Two ranks hold halves of the same sequences: the real-token share is the unsplit run's.
+    share = {name: [r["real_token_share"] for r in train_rows(runs[name])] for name in runs}
+    assert share["sp2"] == pytest.approx(share["one"])
+    assert share["tp2"] == pytest.approx(share["one"])
+
+
+def test_resume_under_sequence_parallelism_is_exact(runs: dict[str, Path]) -> None:
+    resumed = losses(runs["resumed"])
+    assert list(resumed) == [3, 4]
+    assert resumed == {step: losses(runs["sp2"])[step] for step in (3, 4)}
+    assert eval_loss(runs["resumed"]) == eval_loss(runs["sp2"])
+
+
+def test_resume_on_another_layout_is_refused(runs: dict[str, Path], bigscale_home: Path) -> None:
+    step2 = runs["sp2"] / "checkpoints" / "step_00000002"
+    # Same global batch (4 x 2 x 1 data-parallel rank), sequences no longer split.
+    proc = bigscale(
+        ["train", f"run_dir={runs['sp2'].parent / 'relayout'}", *ARGS, f"resume={step2}"],
+        cwd=runs["sp2"].parent,
+        home=bigscale_home,
+    )
+    assert_user_error(
+        proc, "strategy.sequence_parallel_size: 2 in the checkpoint, 1 now", "global batch"
+    )
+
+
+def test_sequence_parallel_with_zero_stage_0_is_refused_before_any_rank(
+    runs: dict[str, Path], bigscale_home: Path
+) -> None:
+    proc = bigscale(
+        ["train", f"run_dir={runs['sp2'].parent / 'stage0'}", *ARGS, *SP2, "strategy.zero_stage=0"],
+        cwd=runs["sp2"].parent,
+        home=bigscale_home,
+    )
+    assert_user_error(proc, "ZeRO stage 1, 2 or 3", "7833")
+    assert not (runs["sp2"].parent / "stage0" / "metrics.jsonl").exists()
