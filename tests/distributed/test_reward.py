@@ -1,6 +1,8 @@
 """A reward model end to end: real torchrun, 2 processes on gloo, real DeepSpeed (ZeRO-2; and
-LoRA with the merged export), on the preference test's pairs. Held-out pair accuracy rises,
-and the export, loaded with ``AutoModelForSequenceClassification``, scores the held-out pairs
+LoRA with the merged export), on the preference test's pairs. The held-out margin rises and
+the pairs end ranked (accuracy >= 0.9; on these pairs, whose rejected side always ends "!?",
+even the random initial head often ranks them all, so accuracy itself cannot be shown to
+rise), and the export, loaded with ``AutoModelForSequenceClassification``, scores the held-out pairs
 as the run's final evaluation did."""
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _evals(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_held_out_pair_accuracy_rises(runs: dict[str, Path], name: str) -> None:
+def test_held_out_margin_rises_and_pairs_are_ranked(runs: dict[str, Path], name: str) -> None:
     rows = train_rows(runs[name])
     for row in rows:
         for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin"):
