@@ -225,7 +225,8 @@ def _export(root: Path, tag: str, out_dir: Path, max_shard_size: str, merge_lora
                 inference_config(config).save_pretrained(staging)
             else:
                 write_adapter(adapter, hf_dir, staging)
-            generation_config(hf_dir, config, tokenizer).save_pretrained(staging)
+            if not is_classifier_config(config):
+                generation_config(hf_dir, config, tokenizer).save_pretrained(staging)
             tokenizer.save_pretrained(staging)
         what = "merged model" if merge_lora else "LoRA adapter"
         log.info("exported %s/%s to %s (%s)", root, tag, out_dir, what)
@@ -233,7 +234,8 @@ def _export(root: Path, tag: str, out_dir: Path, max_shard_size: str, merge_lora
     with atomic_dir(out_dir) as staging:
         shards = write_weights(weights, staging, _dtype(config), parse_size(max_shard_size))
         inference_config(config).save_pretrained(staging)
-        generation_config(hf_dir, config, tokenizer).save_pretrained(staging)
+        if not is_classifier_config(config):
+            generation_config(hf_dir, config, tokenizer).save_pretrained(staging)
         tokenizer.save_pretrained(staging)
     log.info("exported %s/%s to %s (%d weight file(s))", root, tag, out_dir, shards)
 
@@ -243,6 +245,13 @@ def _dtype(config: object) -> torch.dtype | None:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def is_classifier_config(config: Any) -> bool:
+    """A reward model's (``objective=reward``): its export is a sequence classifier, loaded
+    with ``AutoModelForSequenceClassification``, its config carrying ``num_labels=1`` and the
+    pad id it pools at; it generates nothing, so it gets no generation config."""
+    return any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
 
 
 GENERATION_CONFIG = "generation_config.json"

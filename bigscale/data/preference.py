@@ -66,12 +66,8 @@ def check_objective(cfg: TrainConfig) -> None:
     if pairs and name not in PREFERENCE_OBJECTIVES:
         raise ConfigError(
             f"data.style=preference holds pairs for a preference objective, not "
-            f"objective={name.value}; use objective=dpo|ipo|simpo|orpo (or data.style=chat for SFT)"
-        )
-    if name is ObjectiveName.reward:
-        raise ConfigError(
-            "objective=reward (reward models) is not available in this version of bigscale; "
-            "use objective=dpo|ipo|simpo|orpo"
+            f"objective={name.value}; use objective=dpo|ipo|simpo|orpo|reward "
+            "(or data.style=chat for SFT)"
         )
     if not pairs:
         return
@@ -91,6 +87,11 @@ def check_objective(cfg: TrainConfig) -> None:
     if o.reference_batch_size < 1:
         raise ConfigError(
             f"objective.reference_batch_size={o.reference_batch_size} must be at least 1"
+        )
+    if name is ObjectiveName.reward and cfg.model.loss_chunk_tokens:
+        raise ConfigError(
+            f"model.loss_chunk_tokens={cfg.model.loss_chunk_tokens} chunks the LM head, which a "
+            "reward model (objective=reward) replaces with a one-score head; set it to 0"
         )
     for key, on in (
         ("data.packing", d.packing),

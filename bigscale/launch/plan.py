@@ -284,7 +284,8 @@ def objective_lines(c: TrainConfig, data: DataStats | None) -> list[str]:
     o = c.objective
     if o.name.value == "sft":
         return []
-    lines = [f"objective       {o.name.value} (beta {o.beta:g})"]
+    detail = "Bradley-Terry, one-score head" if o.name.value == "reward" else f"beta {o.beta:g}"
+    lines = [f"objective       {o.name.value} ({detail})"]
     if o.name in REFERENCE_OBJECTIVES:
         pairs = f"the {data.rows:,} training pairs" if data is not None else "the training pairs"
         lines.append(

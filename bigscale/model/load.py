@@ -1,4 +1,5 @@
-"""Load a pretrained causal LM and its tokenizer from a hub id or a local directory."""
+"""Load a pretrained causal LM (or, for a reward model, the same checkpoint with a one-score
+sequence-classification head) and its tokenizer from a hub id or a local directory."""
 
 from __future__ import annotations
 
@@ -6,8 +7,14 @@ import pickle
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from bigscale.config.schema import ModelConfig, Precision
@@ -70,25 +77,34 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    cfg: ModelConfig, precision: Precision, tokenizer: PreTrainedTokenizerBase
+    cfg: ModelConfig,
+    precision: Precision,
+    tokenizer: PreTrainedTokenizerBase,
+    reward: bool = False,
 ) -> PreTrainedModel:
-    """Call inside ``engine.partitioned_model_init`` so ZeRO-3 builds the model partitioned."""
+    """Call inside ``engine.partitioned_model_init`` so ZeRO-3 builds the model partitioned.
+    ``reward``: the classifier of ``reward_head_kwargs`` instead of the causal LM."""
     dtype = load_dtype(cfg, precision)
     kernel = attention_kernel(cfg.attn_implementation, dtype)
     log.info("attention: %s", kernel)
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    extra = reward_head_kwargs(tokenizer) if reward else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto.from_pretrained(
             cfg.name_or_path,
             revision=cfg.revision,
             dtype=dtype,
             attn_implementation=kernel,
             trust_remote_code=cfg.trust_remote_code,
+            **extra,
         )
     except pickle.UnpicklingError as exc:
         # torch's weights-only unpickler refused it; its message suggests weights_only=False.
         raise unsafe_pickle_error(cfg.name_or_path, cfg.name_or_path, exc) from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model.name_or_path={cfg.name_or_path!r}: {exc}") from None
+    if reward:  # saved with each checkpoint's config: what the export is loaded as
+        model.config.architectures = [type(model).__name__]
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     if cfg.gradient_checkpointing:
@@ -99,6 +115,18 @@ def load_model(
         install_chunked_loss(model, cfg.loss_chunk_tokens)
         log.info("loss: LM head and cross-entropy %d tokens at a time", cfg.loss_chunk_tokens)
     return model
+
+
+def reward_head_kwargs(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """A reward model: the pretrained body with a new one-output ``score`` head. The model
+    scores each row at its last token that is not the pad token, so the config must know the
+    pad id (the tokenizer's, EOS when it has none); an export carries it in its config."""
+    return {"num_labels": 1, "pad_token_id": int(tokenizer.pad_token_id)}
+
+
+def is_classifier(model: torch.nn.Module) -> bool:
+    """A sequence-classification model of transformers (a reward model's)."""
+    return type(model).__name__ in set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values())
 
 
 def select_checkpointed_layers(model: PreTrainedModel, every: int) -> int:

@@ -73,16 +73,36 @@ def resolve_targets(model: torch.nn.Module, cfg: FinetuneConfig) -> list[str]:
     return targets
 
 
+SCORE_HEAD = "score"
+"""A reward model's new head: trained in full (peft's ``modules_to_save``), never adapted."""
+
+
 def lora_config(model: torch.nn.Module, cfg: FinetuneConfig) -> LoraConfig:
+    from bigscale.model.load import is_classifier
+
+    targets, to_save = resolve_targets(model, cfg), list(cfg.modules_to_save)
+    task = "CAUSAL_LM"
+    if is_classifier(model):
+        # The head starts random: an adapter on it would train a low-rank update of noise.
+        task, targets = "SEQ_CLS", [t for t in targets if t != SCORE_HEAD]
+        to_save = [*to_save, SCORE_HEAD] if SCORE_HEAD not in to_save else to_save
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task,
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=resolve_targets(model, cfg),
-        modules_to_save=list(cfg.modules_to_save) or None,
+        target_modules=targets,
+        modules_to_save=to_save or None,
         bias="none",
     )
+
+
+def _auto_class(config: LoraConfig) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if config.task_type == "SEQ_CLS":
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
 
 
 def apply_lora(
@@ -133,11 +153,11 @@ def adapter_state_dict(weights: dict[str, Any], hf_dir: Path) -> dict[str, torch
     peft saves and loads (``...q_proj.lora_A.weight``), computed by peft itself on a meta-device
     copy of the model, so no weight is read twice and none of the base is needed."""
     from peft import get_peft_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = LoraConfig.from_pretrained(str(hf_dir))
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir))
+        base = _auto_class(config).from_config(AutoConfig.from_pretrained(hf_dir))
         base.name_or_path = config.base_model_name_or_path  # or peft renames it, with a warning
         shell = get_peft_model(base, config)
     wanted = {name for name, p in shell.named_parameters() if p.requires_grad}
@@ -166,13 +186,15 @@ def write_adapter(tensors: dict[str, torch.Tensor], hf_dir: Path, out_dir: Path)
 def merged_state_dict(adapter_dir: Path, tokenizer_size: int) -> dict[str, torch.Tensor]:
     """The base model named in the adapter's config, with the adapter merged into its weights
     (in fp32): the full weights of a plain Hugging Face model. Loads the base in memory."""
-    from transformers import AutoModelForCausalLM
-
     config = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     source = config.get("base_model_name_or_path")
+    seq_cls = config.get("task_type") == "SEQ_CLS"
+    # A reward model's head is in the adapter (modules_to_save); only its shape matters here.
+    auto = _auto_class(LoraConfig(task_type="SEQ_CLS" if seq_cls else "CAUSAL_LM"))
+    extra = {"num_labels": 1} if seq_cls else {}
     try:
-        base = AutoModelForCausalLM.from_pretrained(
-            source, revision=config.get("revision"), dtype=torch.float32
+        base = auto.from_pretrained(
+            source, revision=config.get("revision"), dtype=torch.float32, **extra
         )
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"cannot load the LoRA base model {source!r}: {exc}") from None

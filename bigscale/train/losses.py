@@ -97,3 +97,11 @@ def orpo(
     log_odds = (mean_chosen - mean_rejected) - (log1mexp(mean_chosen) - log1mexp(mean_rejected))
     losses = -lambda_ * F.logsigmoid(log_odds)
     return PairLosses(losses, lambda_ * mean_chosen.detach(), lambda_ * mean_rejected.detach())
+
+
+def bradley_terry(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> PairLosses:
+    """A reward model's pairwise loss ``-log sigmoid(r_chosen - r_rejected)``: the negative
+    log-likelihood that the chosen completion wins under the Bradley-Terry model. The scores
+    are the model's outputs themselves (no reference, no beta): they are the rewards."""
+    losses = -F.logsigmoid(chosen_scores - rejected_scores)
+    return PairLosses(losses, chosen_scores.detach(), rejected_scores.detach())

@@ -7,6 +7,10 @@ token log-probs (through the chunked head when ``model.loss_chunk_tokens`` is se
 logits never exist), and hand them to ``bigscale.train.losses``. DPO and IPO read the reference
 model's log-probs from the table the reference pass made before training
 (``bigscale.train.reference``), by each pair's row index.
+
+``reward``: the model is a sequence classifier with one output (``load_reward_model``); its
+score of each side's last real token is that side's reward, trained with the Bradley-Terry
+pairwise loss. No log-probs, no reference.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ PAIR_METRICS = (
 )
 """Logged on every training row (means over the step's pairs on all ranks) and, prefixed
 ``eval_``, at every evaluation."""
+
+REWARD_METRICS = PAIR_METRICS[:4]
+"""A reward model's: its scores are the rewards; it has no completion log-probs."""
 
 TRAIN, VALIDATION = "train", "validation"
 
@@ -115,3 +122,31 @@ class PreferenceObjective(Objective):
         if not count:
             return {}
         return {f"{prefix}{name}": float(sums[i]) / count for i, name in enumerate(PAIR_METRICS)}
+
+
+def pair_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """float64 sums of the ``rewards/*`` metrics over the pairs and, last, their count."""
+    rows = [chosen, rejected, (chosen > rejected).to(chosen.dtype), chosen - rejected]
+    sums = torch.stack([x.sum() for x in rows]).double().cpu()
+    return torch.cat([sums, torch.tensor([float(len(chosen))], dtype=torch.float64)])
+
+
+class RewardObjective(Objective):
+    """A Bradley-Terry reward model: one forward scores chosen and rejected (one padded batch,
+    the model pooling each row's last non-pad token), the loss is the pairs' mean of
+    ``-log sigmoid(r_chosen - r_rejected)``."""
+
+    width = len(REWARD_METRICS) + 1
+
+    def loss(self, engine: Engine, batch: dict[str, torch.Tensor], split: str) -> BatchLoss:
+        # labels=None: the batch's token labels are not a classifier's targets.
+        scores = engine.outputs(batch, labels=None).logits.float().squeeze(-1)
+        chosen, rejected = scores.chunk(2)
+        pair = losses.bradley_terry(chosen, rejected)
+        return BatchLoss(pair.losses.mean(), pair_sums(pair.chosen_rewards, pair.rejected_rewards))
+
+    def metrics(self, sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
+        count = float(sums[-1])
+        if not count:
+            return {}
+        return {f"{prefix}{name}": float(sums[i]) / count for i, name in enumerate(REWARD_METRICS)}

@@ -38,6 +38,7 @@ from bigscale.train.objectives import (
     VALIDATION,
     Objective,
     PreferenceObjective,
+    RewardObjective,
     sequence_logps,
 )
 
@@ -187,6 +188,8 @@ def build_objective(
     name = ObjectiveName(cfg.objective.name)
     if name is ObjectiveName.sft:
         return Objective()
+    if name is ObjectiveName.reward:
+        return RewardObjective()
     reference = None
     if name in REFERENCE_OBJECTIVES:
         bundle = data.data

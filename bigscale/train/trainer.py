@@ -17,7 +17,7 @@ from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint, save_genera
 from bigscale.checkpoint.manager import META, CheckpointManager
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.derived import derive
-from bigscale.config.schema import FinetuneMethod, TrainConfig
+from bigscale.config.schema import FinetuneMethod, ObjectiveName, TrainConfig
 from bigscale.config.validate import Hardware, resolve_precision
 from bigscale.data.chat import set_chat_template
 from bigscale.dist import engine as ds
@@ -72,7 +72,8 @@ class Trainer:
 
         ds_config = ds.build_ds_config(cfg, env.world_size, self.precision)
         with ds.partitioned_model_init(ds_config):
-            model = load_model(cfg.model, self.precision, self.tokenizer)
+            reward = ObjectiveName(cfg.objective.name) is ObjectiveName.reward
+            model = load_model(cfg.model, self.precision, self.tokenizer, reward=reward)
         if cfg.data.packing and not separates_packed_documents(model):
             log.warning(
                 "data.packing=true: %s does not build its attention mask with transformers' "

@@ -164,7 +164,7 @@ def test_preference_objective_on_sft_data_names_the_fields_it_needs() -> None:
         (["objective=dpo", "objective.label_smoothing=0.5"], "must be in [0, 0.5)"),
         (["objective=simpo", "objective.label_smoothing=0.1"], "conservative DPO's"),
         (["objective=dpo", "data.packing=true"], "data.packing is not supported"),
-        (["objective=reward"], "objective=reward"),
+        (["objective=reward", "model.loss_chunk_tokens=64"], "model.loss_chunk_tokens=64"),
     ],
 )
 def test_objective_cross_checks(overrides: list[str], message: str) -> None:
