@@ -34,6 +34,8 @@ class Target:
     """A Hugging Face model directory, or peft's adapter directory for a LoRA run."""
     run_dir: Path | None
     """The run the target belongs to (the directory holding its config.yaml), if any."""
+    step: int | None = None
+    """The training step of the checkpoint the model comes from, when known."""
 
     @property
     def adapter_base(self) -> str | None:
@@ -69,7 +71,8 @@ def resolve(target: Path) -> Iterator[Target]:
             f"{target} does not exist: give a run directory, a checkpoint or an export"
         )
     if _is_model_dir(target) and not (target / "manifest.json").is_file():
-        yield Target(target, _owning_run(target))
+        run_dir = _owning_run(target)
+        yield Target(target, run_dir, _last_step(run_dir) if run_dir else None)
         return
     from bigscale.checkpoint.export import export_checkpoint
 
@@ -79,7 +82,30 @@ def resolve(target: Path) -> Iterator[Target]:
         for note in found.notes:
             print(f"warning: {note}", file=sys.stderr)
         print(f"using {found.directory}", file=sys.stderr)
-        yield Target(out, _owning_run(found.directory))
+        yield Target(out, _owning_run(found.directory), _step(found.tag))
+
+
+def _step(tag: str) -> int | None:
+    from bigscale.checkpoint.select import step_of
+
+    try:
+        return step_of(tag)
+    except (ValueError, IndexError):
+        return None
+
+
+def _last_step(run_dir: Path) -> int | None:
+    """The last step the run logged: where its final export was written."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    steps = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            steps.append(int(json.loads(line).get("step", 0)))
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return max(steps, default=None)
 
 
 def run_config(run_dir: Path) -> TrainConfig | None:
