@@ -176,7 +176,8 @@ def screenshot(page: Path, out: Path, profile: Path) -> np.ndarray:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is not installed (apt-get install chromium)"
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--no-first-run",
            f"--user-data-dir={profile}", f"--screenshot={out}", "--window-size=1400,2400",
            "--hide-scrollbars", page.as_uri()]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
