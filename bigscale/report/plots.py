@@ -87,6 +87,8 @@ def build_figure(runs: list[Run]) -> Any:
 
 
 def _draw(ax: Any, panel: Panel, runs: list[Run], colors: list[Any]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     drawn = False
     for run, color in zip(runs, colors, strict=True):
         for style, key in zip(LINE_STYLES * 8, panel.keys, strict=False):
@@ -101,6 +103,7 @@ def _draw(ax: Any, panel: Panel, runs: list[Run], colors: list[Any]) -> None:
             _mark_spikes(ax, run, color)
     ax.set_title(panel.title)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if (
         panel.log_y
