@@ -138,7 +138,10 @@ def test_eval_matches_lm_eval_cli(
     assert row["harness/bs_mc/acc"] == expected["bs_mc/acc,none"]
     assert row["harness/bs_gen/exact_match"] == expected["bs_gen/exact_match,none"]
     logged = [
-        {item.key: json.loads(item.value_json) for item in r.history.item}
+        {
+            item.key or ".".join(item.nested_key): json.loads(item.value_json)
+            for item in r.history.item
+        }
         for path in (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
         for r in records(path)
         if r.WhichOneof("record_type") == "history"
