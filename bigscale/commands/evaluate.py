@@ -100,20 +100,24 @@ def _task_manager(include_path: list[str], tasks: list[str]) -> Any:
 def _evaluate(ns: argparse.Namespace, tasks: list[str], manager: Any, model_args: dict) -> dict:
     from lm_eval import simple_evaluate
 
-    batch = ns.batch_size if ns.batch_size == "auto" else int(ns.batch_size)
-    limit = ns.limit if ns.limit is None or ns.limit < 1 else int(ns.limit)
-    results = simple_evaluate(
-        model="hf",
-        model_args=model_args,
-        tasks=tasks,
-        num_fewshot=ns.num_fewshot,
-        batch_size=batch,
-        device=ns.device,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        apply_chat_template=ns.apply_chat_template,
-    )
+    try:
+        results = simple_evaluate(
+            model="hf",
+            model_args=model_args,
+            tasks=tasks,
+            num_fewshot=ns.num_fewshot,
+            batch_size=ns.batch_size if ns.batch_size == "auto" else int(ns.batch_size),
+            device=ns.device,
+            limit=ns.limit if ns.limit is None or ns.limit < 1 else int(ns.limit),
+            task_manager=manager,
+            log_samples=False,
+            apply_chat_template=ns.apply_chat_template,
+        )
+    except ConnectionError as exc:  # a task's dataset lives on the hub, which is out of reach
+        raise EvalError(
+            f"a task's data cannot be downloaded ({exc}); run where the hub is reachable, or "
+            "use local task YAMLs (--include-path) whose data files are on disk"
+        ) from None
     if results is None:  # only on non-zero ranks of a distributed harness run
         raise EvalError("lm-eval returned no results")
     return results
