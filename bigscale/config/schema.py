@@ -490,6 +490,12 @@ class FinetuneConfig:
     least one layer; ``["all-linear"]``: every linear layer but the LM head."""
     modules_to_save: list[str] = field(default_factory=list)
     """Leaf names of modules trained in full beside the adapters (e.g. ``lm_head``)."""
+    use_dora: bool = False
+    """DoRA (peft): each adapted weight split into a trained magnitude and a LoRA-updated
+    direction; more parameters and compute than plain LoRA, often closer to full fine-tuning."""
+    use_rslora: bool = False
+    """rsLoRA (peft): scale adapters by ``alpha / sqrt(r)`` instead of ``alpha / r``, so a
+    larger rank keeps learning instead of being scaled down."""
 
 
 @dataclass

@@ -82,6 +82,8 @@ def lora_config(model: torch.nn.Module, cfg: FinetuneConfig) -> LoraConfig:
         target_modules=resolve_targets(model, cfg),
         modules_to_save=list(cfg.modules_to_save) or None,
         bias="none",
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
     )
 
 
