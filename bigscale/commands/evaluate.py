@@ -5,7 +5,8 @@ a checkpoint or an export, with standard tasks by name (from the hub) or local t
 The harness loads the model itself (``--model hf``) from the directory the target resolves to,
 a LoRA adapter through its ``peft`` argument, so the numbers are what ``lm_eval`` gives on the
 export. Results go to ``RUN_DIR/eval/`` (JSON), a row in ``metrics.jsonl`` at the checkpoint's
-step (keys ``harness/<task>/<metric>``), and the run's W&B run when it logs to W&B."""
+step (keys ``harness/<task>/<metric>``), and the run's W&B run and TensorBoard files when it
+logs there."""
 
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def log_to_run(run_dir: Path, step: int | None, scores: dict[str, float]) -> Non
     """The scores in the run's metrics.jsonl and, when the run logged to W&B, its W&B run."""
     from bigscale.config.compose import to_plain_dict
     from bigscale.config.schema import LoggerMode
-    from bigscale.metrics.sinks import JsonlSink, WandbSink
+    from bigscale.metrics.sinks import TENSORBOARD_DIR, JsonlSink, TensorBoardSink, WandbSink
     from bigscale.target import run_config
 
     row = {"step": step if step is not None else 0, **scores}
@@ -181,6 +182,10 @@ def log_to_run(run_dir: Path, step: int | None, scores: dict[str, float]) -> Non
     sink.log(row)
     sink.close()
     cfg = run_config(run_dir)
+    if cfg is not None and cfg.logger.tensorboard:
+        board = TensorBoardSink(run_dir / TENSORBOARD_DIR)
+        board.log(row)
+        board.close()
     if cfg is None or cfg.logger.mode == LoggerMode.disabled:
         return
     wandb = WandbSink(cfg.logger, run_dir, to_plain_dict(cfg))

@@ -394,6 +394,10 @@ class LoggerConfig:
     """W&B run name; default is the run directory's name."""
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False
+    """Also write TensorBoard event files to ``<run_dir>/tensorboard``, beside W&B and
+    metrics.jsonl (view: ``tensorboard --logdir <run_dir>/tensorboard``). Needs the
+    ``bigscale[tensorboard]`` extra."""
 
 
 @dataclass

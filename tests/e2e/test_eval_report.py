@@ -25,11 +25,12 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFL
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> list[Path]:
-    """Two 4-step jobs on one rank each, evaluated every 2 steps, logging to offline W&B; each
-    writes its report.html at its end."""
+    """Two 4-step jobs on one rank each, evaluated every 2 steps, logging to offline W&B and
+    TensorBoard; each writes its report.html at its end."""
     work = tmp_path_factory.mktemp("sweep")
     args = [o for o in SHORT if o != "logger=disabled"]
-    args += ["logger.mode=offline", "trainer.eval_every=2", "launcher.nproc_per_node=1"]
+    args += ["logger.mode=offline", "logger.tensorboard=true", "trainer.eval_every=2"]
+    args += ["launcher.nproc_per_node=1"]
     proc = bigscale(
         ["train", "-m", "finetune=full,lora", *args, f"run_dir={work / 'sweep'}"],
         cwd=work,
@@ -148,6 +149,29 @@ def test_eval_matches_lm_eval_cli(
     ]
     hits = [h for h in logged if "harness/bs_mc/acc" in h]
     assert hits and hits[-1]["harness/bs_mc/acc"] == expected["bs_mc/acc,none"], logged[-3:]
+    assert tensorboard(run_dir, "harness/bs_mc/acc") == [(4, expected["bs_mc/acc,none"])]
+
+
+def tensorboard(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """A scalar as TensorBoard's own reader reads the run's event files."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    board = EventMultiplexer().AddRunsFromDirectory(str(run_dir / "tensorboard"))
+    board.Reload()
+    return [
+        (e.step, pytest.approx(e.value))
+        for run in board.Runs()
+        if tag in board.Runs()[run]["scalars"]
+        for e in board.Scalars(run, tag)
+    ]
+
+
+def test_tensorboard_holds_the_run(sweep: list[Path]) -> None:
+    for run_dir in sweep:
+        rows = [r for r in metrics(run_dir) if "loss" in r]
+        assert tensorboard(run_dir, "loss") == [(r["step"], r["loss"]) for r in rows]
+        evals = [r for r in metrics(run_dir) if "eval_loss" in r]
+        assert tensorboard(run_dir, "eval_loss") == [(r["step"], r["eval_loss"]) for r in evals]
 
 
 def test_eval_names_an_unknown_task(sweep: list[Path], tmp_path: Path, bigscale_home: Path) -> None:
