@@ -1,4 +1,5 @@
-"""``bigscale train | plan | export``: the one command for a run."""
+"""``bigscale train | plan | export | eval | chat | generate | report``: the one command for a
+run and what comes after it."""
 
 from __future__ import annotations
 
@@ -19,9 +20,20 @@ bigscale export RUN_DIR|CHECKPOINT --out DIR [--merge-lora]
                                      a Hugging Face model directory (safetensors), or
                                      a LoRA run's adapter (merged into the base with
                                      --merge-lora)
+bigscale eval TARGET --tasks T1,T2 [--include-path DIR]
+                                     lm-evaluation-harness tasks (by name, or local YAML)
+bigscale chat TARGET                 talk to the model in the terminal
+bigscale generate TARGET --prompts FILE --out FILE
+                                     answers for a jsonl of prompts or conversations
+bigscale report RUN_DIR [RUN_DIR ...] [--out DIR]
+                                     PNGs and one HTML page of the runs' curves
+TARGET: a run directory, a checkpoint directory or an export
 
 Overrides are Hydra's: model=qwen2_5_0_5b strategy=zero3 trainer.max_steps=500
 -m/--multirun sweeps comma lists: bigscale train -m optim.lr=1e-4,3e-4"""
+
+# Commands after training, each in its own module of bigscale.commands (with a ``main(args)``).
+COMMANDS = {"eval": "evaluate", "chat": "chat", "generate": "generate", "report": "report"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(rest)
         if command == "export":
             return _export(rest)
+        if command in COMMANDS:
+            from importlib import import_module
+
+            return import_module(f"bigscale.commands.{COMMANDS[command]}").main(rest)
     except BigscaleError as exc:
         from bigscale.config.redact import redact_text
 

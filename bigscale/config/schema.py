@@ -410,6 +410,10 @@ class LoggerConfig:
     """W&B run name; default is the run directory's name."""
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False
+    """Also write TensorBoard event files to ``<run_dir>/tensorboard``, beside W&B and
+    metrics.jsonl (view: ``tensorboard --logdir <run_dir>/tensorboard``). Needs the
+    ``bigscale[tensorboard]`` extra."""
 
 
 @dataclass
@@ -506,6 +510,12 @@ class FinetuneConfig:
     least one layer; ``["all-linear"]``: every linear layer but the LM head."""
     modules_to_save: list[str] = field(default_factory=list)
     """Leaf names of modules trained in full beside the adapters (e.g. ``lm_head``)."""
+    use_dora: bool = False
+    """DoRA (peft): each adapted weight split into a trained magnitude and a LoRA-updated
+    direction; more parameters and compute than plain LoRA, often closer to full fine-tuning."""
+    use_rslora: bool = False
+    """rsLoRA (peft): scale adapters by ``alpha / sqrt(r)`` instead of ``alpha / r``, so a
+    larger rank keeps learning instead of being scaled down."""
 
 
 @dataclass

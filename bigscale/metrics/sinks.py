@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from bigscale.config.redact import redact, redact_text
 from bigscale.config.schema import LoggerConfig, LoggerMode
+from bigscale.errors import ConfigError
 from bigscale.logging import get_logger
 
 log = get_logger(__name__)
@@ -81,6 +82,34 @@ class WandbSink:
         self.run.finish()
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardSink:
+    """Scalars as TensorBoard event files (torch's writer). A resumed run purges the events a
+    killed attempt wrote after the checkpoint's step, as the JSONL sink drops those rows."""
+
+    def __init__(self, log_dir: Path, resumed_at: int = 0):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "logger.tensorboard=true needs the tensorboard package: "
+                "pip install 'bigscale[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(str(log_dir), purge_step=resumed_at + 1 if resumed_at else None)
+
+    def log(self, row: dict[str, Any]) -> None:
+        step = int(row.get("step", 0))
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _run_id(run_dir: Path) -> str:
     """The W&B run id lives in the run directory, so every rank restart or requeue of this run
     logs into the same W&B run."""
@@ -115,12 +144,14 @@ class MetricsLogger:
         is_main: bool,
         resumed_at: int = 0,
     ):
-        self._sinks: list[JsonlSink | WandbSink] = []
+        self._sinks: list[JsonlSink | WandbSink | TensorBoardSink] = []
         if not is_main:
             return
         self._sinks.append(JsonlSink(run_dir / "metrics.jsonl", resumed_at))
         if cfg.mode != LoggerMode.disabled:
             self._sinks.append(WandbSink(cfg, run_dir, config))
+        if cfg.tensorboard:
+            self._sinks.append(TensorBoardSink(run_dir / TENSORBOARD_DIR, resumed_at))
 
     def log(self, row: dict[str, Any]) -> None:
         for sink in self._sinks:

@@ -94,6 +94,8 @@ def lora_config(model: torch.nn.Module, cfg: FinetuneConfig) -> LoraConfig:
         target_modules=targets,
         modules_to_save=to_save or None,
         bias="none",
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
     )
 
 

@@ -178,6 +178,7 @@ class Trainer:
             self.export(self.run_dir / "export")
         self.metrics.log({"step": self.step, **{f"final/{k}": v for k, v in summary.items()}})
         self.metrics.close()
+        self._write_report()
         return summary
 
     def train_loop(self) -> None:
@@ -207,6 +208,7 @@ class Trainer:
         done."""
         self.save_checkpoint(force=True)
         self.metrics.close()  # before a requeue, which ends this job's processes
+        self._write_report()
         if self.env.is_main:
             log.info(
                 "stopped at step %d on %s: checkpoint saved; %s",
@@ -215,6 +217,13 @@ class Trainer:
                 requeue_slurm_job(self.cfg.launcher.max_requeues),
             )
         return {"stopped_at_step": float(self.step)}
+
+    def _write_report(self) -> None:
+        """RUN_DIR/report.html from metrics.jsonl (rank 0; a plotting failure only warns)."""
+        if self.env.is_main:
+            from bigscale.report.page import write_run_report
+
+            write_run_report(self.run_dir)
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> StepStats:
         """One optimizer step: ``grad_accum`` micro batches, then clip + step (inside DeepSpeed)."""

@@ -208,6 +208,7 @@ def test_stop_signal_checkpoints_and_resumes_exactly(
     assert f"stopped at step {stopped_at} on a stop signal on another rank" in log, log
     assert "checkpoint saved; not a Slurm job" in log
     assert not (run_dir / "export").exists()
+    assert "report: " in log and (run_dir / "report.html").is_file()  # the stop writes it too
 
     done = bigscale(args, tmp_path, bigscale_home)
     assert done.returncode == 0, explain(done)

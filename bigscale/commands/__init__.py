@@ -1,0 +1,1 @@
+"""The commands that work on a trained model: ``eval``, ``chat``, ``generate``, ``report``."""
