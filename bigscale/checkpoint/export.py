@@ -180,11 +180,11 @@ def export_checkpoint(
     merge_lora: bool = False,
     sha256: bool = True,
 ) -> Found:
-    """A checkpoint (any ZeRO stage), verified first (see ``find_checkpoint``), to a Hugging
-    Face directory, on one CPU process (a tensor-parallel one's slices put together), in the dtype the model was trained in. A LoRA
-    checkpoint gives the adapter in peft's layout, or with ``merge_lora`` the base model with
-    the adapter merged in. Returns what it exported, with notes for the caller to show;
-    refusals are CheckpointErrors."""
+    """A checkpoint (any ZeRO stage, any tensor-parallel size), verified first (see
+    ``find_checkpoint``), to a Hugging Face directory, on one CPU process, in the dtype the model
+    was trained in. A LoRA checkpoint gives the adapter in peft's layout, or with
+    ``merge_lora`` the base model with the adapter merged in. Returns what it exported, with
+    notes for the caller to show; refusals are CheckpointErrors."""
     found = find_checkpoint(source, sha256)
     try:
         _export(found.root, found.tag, Path(out_dir), max_shard_size, merge_lora)

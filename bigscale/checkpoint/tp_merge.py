@@ -56,7 +56,7 @@ def merged_tensor_parallel_weights(tag_dir: Path, config: Any) -> dict[str, Lazy
     expected = full_shapes(config)
     merged: dict[tuple[int, ...], LazyTensor] = {}
     out: dict[str, LazyTensor] = {}
-    for name, first in ranks[0].items():
+    for name in ranks[0]:
         parts = [weights.get(name) for weights in ranks]
         if any(p is None for p in parts):
             raise CheckpointError(f"{tag_dir}: {name} is missing from some tensor-parallel ranks")
