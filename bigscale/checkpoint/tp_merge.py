@@ -62,12 +62,12 @@ def merged_tensor_parallel_weights(tag_dir: Path, config: Any) -> dict[str, Lazy
             raise CheckpointError(f"{tag_dir}: {name} is missing from some tensor-parallel ranks")
         key = tuple(id(p) for p in parts)
         if key not in merged:
-            merged[key] = _merge(name, parts, expected.get(name), tag_dir)  # type: ignore[arg-type]
+            merged[key] = merge_slices(name, parts, expected.get(name), tag_dir)  # type: ignore[arg-type]
         out[name] = merged[key]
     return out
 
 
-def _merge(
+def merge_slices(
     name: str, parts: list[LazyTensor], full: torch.Size | None, tag_dir: Path
 ) -> LazyTensor:
     shapes = [tuple(p.shape) for p in parts]
