@@ -2,7 +2,9 @@
 
 Each rank generates for an equal-sized shard of the test set (padded with unused slots),
 because under ZeRO-3 every forward is a collective and all ranks must generate the same number
-of batches; the answers are then gathered in the file's order. For chat styles the prompt is
+of batches; the answers are then gathered in the file's order. The ranks of a tensor-parallel
+group share one shard and generate it together (each holds a slice of every weight), and their
+answers count once. For chat styles the prompt is
 the conversation before the last assistant turn, rendered with the chat template and its
 generation prompt, and an answer ends at the template's end-of-turn marker, a token or text
 (``bigscale.generation``). Unless ``eval.max_new_tokens`` is set, the budget comes from the data:
