@@ -180,11 +180,11 @@ def export_checkpoint(
     merge_lora: bool = False,
     sha256: bool = True,
 ) -> Found:
-    """A checkpoint (any ZeRO stage), verified first (see ``find_checkpoint``), to a Hugging
-    Face directory, on one CPU process, in the dtype the model was trained in. A LoRA
-    checkpoint gives the adapter in peft's layout, or with ``merge_lora`` the base model with
-    the adapter merged in. Returns what it exported, with notes for the caller to show;
-    refusals are CheckpointErrors."""
+    """A checkpoint (any ZeRO stage, any tensor-parallel size), verified first (see
+    ``find_checkpoint``), to a Hugging Face directory, on one CPU process, in the dtype the model
+    was trained in. A LoRA checkpoint gives the adapter in peft's layout, or with
+    ``merge_lora`` the base model with the adapter merged in. Returns what it exported, with
+    notes for the caller to show; refusals are CheckpointErrors."""
     found = find_checkpoint(source, sha256)
     try:
         _export(found.root, found.tag, Path(out_dir), max_shard_size, merge_lora)
@@ -204,13 +204,18 @@ def export_checkpoint(
 def _export(root: Path, tag: str, out_dir: Path, max_shard_size: str, merge_lora: bool) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
-    from bigscale.dist.ds_files import lazy_consolidated_weights
+    from bigscale.checkpoint.tp_merge import merged_tensor_parallel_weights
+    from bigscale.dist.ds_files import lazy_consolidated_weights, tensor_parallel_size
     from bigscale.model.lora import is_lora_checkpoint
 
     hf_dir = root / tag / HF_SUBDIR
     config = AutoConfig.from_pretrained(hf_dir)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    weights = lazy_consolidated_weights(root, tag)
+    weights = (
+        merged_tensor_parallel_weights(root / tag, config)
+        if tensor_parallel_size(root / tag) > 1
+        else lazy_consolidated_weights(root, tag)
+    )
     if is_lora_checkpoint(hf_dir):
         from bigscale.model.lora import adapter_state_dict, merged_state_dict, write_adapter
 

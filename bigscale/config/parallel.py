@@ -86,22 +86,6 @@ def _check_tensor_parallel(cfg: TrainConfig, tp: int) -> None:
             "shards the weights itself and supports ZeRO stages 0-2 only; use strategy=zero1 "
             "or zero2 (or ddp)"
         )
-    from bigscale.train.early_stop import generation_enabled
-
-    if generation_enabled(cfg):
-        # task_eval shares the examples out by global rank; a tensor-parallel group must
-        # generate the same ones in lockstep (every forward is a collective).
-        raise ConfigError(
-            f"strategy.tensor_parallel_size={tp}: the generation eval (eval.exact_match) does "
-            "not run under tensor parallelism yet; set eval.exact_match=false and evaluate the "
-            "export instead"
-        )
-    if cfg.export.at_end:
-        raise ConfigError(
-            f"strategy.tensor_parallel_size={tp}: bigscale cannot yet gather tensor-parallel "
-            "shards into a Hugging Face model (the export would hold half-size weights); set "
-            "export.at_end=false"
-        )
     config = model_config(cfg)
     if config is not None:
         check_heads(config, tp, cfg.model.name_or_path, "strategy.tensor_parallel_size")

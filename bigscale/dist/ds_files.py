@@ -131,16 +131,23 @@ class _SpanOfPartitions:
         return torch.cat(pieces).view(self.shape)
 
 
+def tensor_parallel_size(tag_dir: Path) -> int:
+    """How many tensor-parallel ranks wrote the checkpoint: one ``mp_rank_NN_model_states.pt``
+    each, holding that rank's slice of every split weight."""
+    return max(1, len(list(Path(tag_dir).glob("mp_rank_*_model_states.pt"))))
+
+
 def lazy_consolidated_weights(checkpoint_root: Path, tag: str) -> dict[str, LazyTensor]:
     """The full fp32 weights of a checkpoint of any ZeRO stage, by name, each read only when
     asked for. The shard files are memory-mapped, so exporting a model needs about one tensor
-    (or one output shard) of memory, not the model. Tied parameters map to the same object."""
+    (or one output shard) of memory, not the model. Tied parameters map to the same object.
+    A tensor-parallel checkpoint is refused here: its slices need the model's full shapes to be
+    put together (``bigscale.checkpoint.tp_merge``)."""
     tag_dir = Path(checkpoint_root) / tag
-    if (tag_dir / "mp_rank_01_model_states.pt").exists():
+    if tensor_parallel_size(tag_dir) > 1:
         raise CheckpointError(
             f"{tag_dir} was written with strategy.tensor_parallel_size > 1: each rank holds a "
-            "slice of the weights, and bigscale cannot gather them into a Hugging Face model "
-            "yet (an export would hold half-size matrices)"
+            "slice of the weights; read it with bigscale.checkpoint.tp_merge"
         )
     with weights_only_loading():
         optim_files = sorted(tag_dir.glob("*optim_states.pt"))
@@ -158,9 +165,30 @@ def lazy_consolidated_weights(checkpoint_root: Path, tag: str) -> dict[str, Lazy
         return _zero12_lazy(tag_dir, optim_files)
 
 
-def _zero12_lazy(tag_dir: Path, optim_files: list[Path]) -> dict[str, LazyTensor]:
+def universal_checkpoint_info(tag_dir: Path) -> dict[str, Any]:
+    """What DeepSpeed recorded of how AutoTP split each parameter (empty when it did not)."""
+    with weights_only_loading():
+        states = _mmap_load(Path(tag_dir) / "mp_rank_00_model_states.pt")
+    return dict(states.get("universal_checkpoint_info") or {})
+
+
+def lazy_rank_weights(tag_dir: Path, mp_rank: int) -> dict[str, LazyTensor]:
+    """The fp32 weights one tensor-parallel rank held (ZeRO 0-2, the stages AutoTP trains
+    with), by name, read lazily: split matrices as that rank's slice, the rest whole."""
+    tag_dir = Path(tag_dir)
+    with weights_only_loading():
+        optim_files = sorted(tag_dir.glob(f"*_mp_rank_{mp_rank:02d}_optim_states.pt"))
+        if not optim_files:
+            states = _mmap_load(tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt")
+            return dict(states["module"].items())
+        return _zero12_lazy(tag_dir, optim_files, mp_rank)
+
+
+def _zero12_lazy(
+    tag_dir: Path, optim_files: list[Path], mp_rank: int = 0
+) -> dict[str, LazyTensor]:
     optim = [_mmap_load(f)["optimizer_state_dict"] for f in _by_rank(optim_files)]
-    model = _mmap_load(tag_dir / "mp_rank_00_model_states.pt")
+    model = _mmap_load(tag_dir / f"mp_rank_{mp_rank:02d}_model_states.pt")
     out: dict[str, Any] = {
         name: tensor for name, tensor in model["module"].items() if name in model["buffer_names"]
     }

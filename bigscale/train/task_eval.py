@@ -2,7 +2,9 @@
 
 Each rank generates for an equal-sized shard of the test set (padded with unused slots),
 because under ZeRO-3 every forward is a collective and all ranks must generate the same number
-of batches; the answers are then gathered in the file's order. For chat styles the prompt is
+of batches; the answers are then gathered in the file's order. The ranks of a tensor-parallel
+group share one shard and generate it together (each holds a slice of every weight), and their
+answers count once. For chat styles the prompt is
 the conversation before the last assistant turn, rendered with the chat template and its
 generation prompt, and an answer ends at the template's end-of-turn marker, a token or text
 (``bigscale.generation``). Unless ``eval.max_new_tokens`` is set, the budget comes from the data:
@@ -22,6 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from bigscale.config.schema import DataConfig, DataStyle, EvalConfig, TrainConfig
 from bigscale.data.chat import CHAT_STYLES, conversation, render
 from bigscale.dist.env import DistEnv
+from bigscale.dist.layout import ParallelLayout
 from bigscale.errors import BigscaleError
 from bigscale.generation import AnswerEnd, answer_end
 from bigscale.logging import get_logger
@@ -157,12 +160,19 @@ def generate(
     cfg: EvalConfig,
     env: DistEnv,
     synced: bool,
+    layout: ParallelLayout | None = None,
 ) -> Generations:
     """Greedy answers for all ``examples``, in order, on every rank, and how many hit the
-    budget. With ``synced`` (ZeRO-3) every rank runs forwards until all ranks are done; a row
+    budget. Examples are shared out over the data-parallel ``layout`` (a tensor-parallel group
+    counts once). With ``synced`` (ZeRO-3) every rank runs forwards until all ranks are done; a row
     that reached its end-of-turn text only stops producing tokens, as at EOS."""
-    per_rank = -(-len(examples) // env.world_size)
-    shard: list[Example | None] = list(examples[env.rank :: env.world_size])
+    # The ranks of one tensor-parallel group hold slices of every weight, so they generate the
+    # same prompts together; every other rank (data- or sequence-parallel: generation runs
+    # whole sequences) answers its own share.
+    tp = max(1, layout.tp) if layout is not None else 1
+    groups, group = env.world_size // tp, env.rank // tp
+    per_rank = -(-len(examples) // groups)
+    shard: list[Example | None] = list(examples[group::groups])
     shard += [None] * (per_rank - len(shard))
     device = next(model.parameters()).device
     was_training = model.training
@@ -201,7 +211,8 @@ def generate(
     if dist.is_initialized() and env.world_size > 1:
         shards = [[] for _ in range(env.world_size)]
         dist.all_gather_object(shards, mine)
-    # Rank r answered examples r, r + world_size, ...: interleave back into the file's order.
+        shards = _one_per_group(shards, tp)
+    # Group g answered examples g, g + groups, ...: interleave back into the file's order.
     out: list[tuple[str, bool]] = [("", True)] * len(examples)
     for r, answers in enumerate(shards):
         out[r :: len(shards)] = answers
@@ -218,3 +229,19 @@ def generate(
             max_new_tokens,
         )
     return Generations([a for a, _ in out], hits, max_new_tokens)
+
+
+def _one_per_group(shards: list[list[tuple[str, bool]]], tp: int) -> list[list[tuple[str, bool]]]:
+    """The answers of each tensor-parallel group once, checked equal across the group: its
+    ranks computed the same all-reduced logits, so a difference means they fed different
+    inputs and the metric would be meaningless."""
+    out = []
+    for first in range(0, len(shards), tp):
+        group = shards[first : first + tp]
+        if any(answers != group[0] for answers in group[1:]):
+            raise RuntimeError(
+                f"the tensor-parallel ranks {first}..{first + tp - 1} generated different answers "
+                "for the same prompts"
+            )
+        out.append(group[0])
+    return out

@@ -318,6 +318,7 @@ class Trainer:
             self.cfg.eval,
             self.env,
             synced=self.engine.zero_stage == 3 and self.env.world_size > 1,
+            layout=self.layout,
         )
         values = task_eval.score(
             generations.answers, self.task_examples, self.cfg.eval, self.env, self.metric_fn

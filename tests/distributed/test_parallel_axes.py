@@ -15,6 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from tests.cli import bigscale, explain, metrics, train_rows
 from tests.e2e.test_bad_input import assert_user_error
@@ -41,6 +44,9 @@ ARGS = [
     "strategy=zero2",
 ]
 SP2 = ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=2"]
+# The held-out generation eval, small: a tensor group generates its prompts together, and under
+# sequence parallelism each rank generates whole sequences of its own.
+GENERATE = ["eval.exact_match=true", "eval.max_examples=8"]
 
 
 def train(run_dir: Path, home: Path, *extra: str) -> Path:
@@ -53,14 +59,18 @@ def train(run_dir: Path, home: Path, *extra: str) -> Path:
 def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("sequence_parallel")
     out = {
-        "one": train(work / "one", bigscale_home, "launcher.nproc_per_node=1"),
-        "sp2": train(work / "sp2", bigscale_home, *SP2),
+        "one": train(
+            work / "one", bigscale_home, "launcher.nproc_per_node=1", "export.at_end=true"
+        ),
+        "sp2": train(work / "sp2", bigscale_home, *SP2, *GENERATE),
         "tp2": train(
             work / "tp2",
             bigscale_home,
             "strategy.tensor_parallel_size=2",
             "launcher.nproc_per_node=2",
             "checkpoint.every_steps=0",
+            "export.at_end=true",
+            *GENERATE,
         ),
     }
     # The split run again from its step-2 checkpoint, into a new run directory.
@@ -92,6 +102,39 @@ def test_split_weights_train_as_whole_ones(runs: dict[str, Path]) -> None:
     for step in one:
         assert tp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, tp2)
     assert eval_loss(runs["tp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+
+
+def test_tensor_parallel_export_is_the_whole_model(runs: dict[str, Path]) -> None:
+    # Each tensor rank saved slices (q/k/v/gate/up and the 101-row LM head cut 51 + 50 along
+    # their rows, o/down along their columns); the export puts them back together. The two runs
+    # trained to the same weights up to float32 rounding (Adam turns it into ~1e-4 on a few
+    # entries whose gradient is near zero); a slice put in the wrong place or along the wrong
+    # dim would be off by the weights' own size (~2e-2) nearly everywhere.
+    tp2 = load_file(runs["tp2"] / "export" / "model.safetensors")
+    one = load_file(runs["one"] / "export" / "model.safetensors")
+    assert tp2.keys() == one.keys()
+    for name, tensor in one.items():
+        assert tp2[name].shape == tensor.shape, name
+        torch.testing.assert_close(tp2[name], tensor, rtol=0, atol=1e-3, msg=name)
+        assert (tp2[name] - tensor).abs().mean() < 1e-6, name
+    ids = torch.arange(3, 27).view(2, 12)
+    with torch.no_grad():
+        logits = [
+            AutoModelForCausalLM.from_pretrained(runs[r] / "export").eval()(input_ids=ids).logits
+            for r in ("tp2", "one")
+        ]
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_eval_runs_under_split_layouts(runs: dict[str, Path]) -> None:
+    # Under tensor parallelism every forward is a collective of the tensor group: the run only
+    # finishes if both ranks generated the same prompts, and bigscale checks that their answers
+    # agree before scoring them.
+    for name in ("tp2", "sp2"):
+        final = metrics(runs[name])[-1]
+        for when in ("before", "after"):
+            assert 0.0 <= final[f"final/exact_match_{when}"] <= 1.0, (name, final)
+            assert final[f"final/exact_match_budget_hits_{when}"] <= 8, (name, final)
 
 
 def test_tokens_are_counted_once_per_sequence(runs: dict[str, Path]) -> None:
