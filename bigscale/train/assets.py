@@ -52,8 +52,9 @@ def check_generated_data(d: DataConfig) -> None:
 
 def prepare_assets(cfg: TrainConfig) -> None:
     check_model_source(cfg.model)
-    if creates_model(cfg.model):
-        # Imported here: creating the model needs torch and transformers, checking does not.
+    if creates_model(cfg.model) or cfg.model.gguf_file is not None:
+        # Imported here: creating (or converting) the model needs torch and transformers,
+        # checking does not.
         from bigscale.model.load import ensure_model_files
 
         ensure_model_files(cfg.model)
