@@ -21,6 +21,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.integrations import HfDeepSpeedConfig
 
+from bigscale.config.derived import warmup_for
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.data.collate import model_inputs
 from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
@@ -124,11 +125,13 @@ def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimizer step ``step``: linear warmup, then the schedule,
     never below ``min_lr_ratio``."""
 
+    warmup = warmup_for(optim, max_steps)  # as RunShape.warmup_steps, which the plan prints
+
     def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        span = max(1, max_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
         if optim.schedule == "constant":
             decay = 1.0
         elif optim.schedule == "linear":

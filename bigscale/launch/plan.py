@@ -27,8 +27,8 @@ from bigscale.launch.memory import (
     model_shape,
 )
 from bigscale.launch.node import multinode_command
-from bigscale.model.gguf import model_dir
 from bigscale.launch.topology import Topology, node_hardware, resolve_topology
+from bigscale.model.gguf import model_dir
 from bigscale.train.rundir import default_run_dir
 
 _PLAIN_VALUE = re.compile(r"^[\w/.:~+@-]+$")
@@ -233,6 +233,7 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         device += " per node"
     lines = [
         f"run directory   {plan.run_dir}",
+        f"experiment      {_experiment_summary(plan)}",
         f"model           {_model_summary(c)}",
         f"data            {c.data.path} (style={c.data.style.value}, max_length="
         f"{c.data.max_length}, packing={c.data.packing})",
@@ -246,7 +247,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"{plan.global_batch * c.data.max_length:,} tokens/step",
         f"steps           {plan.shape.steps_text()}",
         f"schedule        lr {c.optim.lr:g}, {c.optim.schedule.value}, warmup "
-        f"{c.optim.warmup_steps} of {plan.shape.max_steps} steps",
+        f"{plan.shape.warmup_steps} of {plan.shape.max_steps} steps"
+        + (f" (optim.warmup_ratio={c.optim.warmup_ratio:g})" if c.optim.warmup_ratio else ""),
         f"speed           {_speed_summary(c)}",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
@@ -283,6 +285,18 @@ def _resume_lines(plan: Plan) -> list[str]:
     else:
         return []
     return lines + [f"                skipped: newer {text}" for text in damaged]
+
+
+def _experiment_summary(plan: Plan) -> str:
+    from bigscale.config.compose import DEFAULT_EXPERIMENT, demo_left_out
+
+    named = demo_left_out(plan.overrides)
+    if named is None:
+        return plan.cfg.experiment
+    return (
+        f"none: your run ({named}), so the {DEFAULT_EXPERIMENT} experiment's model, data, "
+        "tuning and test set are left out (experiment=demo to keep them)"
+    )
 
 
 def _model_summary(c: TrainConfig) -> str:

@@ -108,8 +108,7 @@ def check_gguf(m: ModelConfig) -> None:
         return
     if importlib.util.find_spec("gguf") is None:
         raise ConfigError(
-            f"model.gguf_file={m.gguf_file} needs the `gguf` package to read the file: "
-            f"{DEMO_EXTRA}"
+            f"model.gguf_file={m.gguf_file} needs the `gguf` package to read the file: {DEMO_EXTRA}"
         )
     arch = gguf_architecture(path)
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES

@@ -36,6 +36,7 @@ from bigscale.train.faults import Faults
 from bigscale.train.guard import StepGuard
 from bigscale.train.metric_fn import load_metric_fn
 from bigscale.train.preemption import StopSignals, requeue_slurm_job, signal_name
+from bigscale.train.samples import answer_samples
 from bigscale.train.state import TrainState
 from bigscale.versions import package_versions
 
@@ -141,6 +142,8 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         summary: dict[str, float] = {}
+        if self.step == 0:
+            self._report_samples("before")
         if self.task_examples and self.step == 0:
             summary.update(self._report_task_metric("before"))
         self.train_loop()
@@ -149,6 +152,7 @@ class Trainer:
         summary.update(self._report_final_eval())
         if self.task_examples:
             summary.update(self._report_task_metric("after"))
+        self._report_samples("after")
         if self.early_stop.stopped_at is not None:
             summary["early_stopped_at_step"] = float(self.early_stop.stopped_at)
         self.save_checkpoint(force=True)
@@ -275,6 +279,10 @@ class Trainer:
         return task_eval.score(
             predictions, self.task_examples, self.cfg.eval, self.env, self.metric_fn
         )
+
+    def _report_samples(self, when: str) -> None:
+        synced = self.engine.zero_stage == 3 and self.env.world_size > 1
+        answer_samples(self.engine.module, self.tokenizer, self.cfg.eval, self.env, synced, when)
 
     def _report_task_metric(self, when: str) -> dict[str, float]:
         values = self.evaluate_task()
