@@ -129,7 +129,34 @@ def to_typed(cfg: DictConfig) -> TrainConfig:
 
 
 def compose_config(overrides: list[str], conf_dir: Path | None = None) -> TrainConfig:
-    return to_typed(compose_raw(overrides, conf_dir))
+    raw = compose_raw(overrides, conf_dir)
+    _check_own_run_complete(raw, overrides)
+    return to_typed(raw)
+
+
+def _check_own_run_complete(raw: DictConfig, overrides: list[str]) -> None:
+    """A run of the user's own (the demo left out) names both its model and its data."""
+    named = demo_left_out(overrides)
+    if named is None:
+        return
+    missing = [
+        f"{group}.{key}"
+        for group, key in (("model", "name_or_path"), ("data", "path"))
+        if OmegaConf.is_missing(raw[group], key)
+    ]
+    if not missing:
+        return
+    hints = {
+        "model.name_or_path": "model=<preset: conf/model/*.yaml> or model.name_or_path=<hub id "
+        "or directory>",
+        "data.path": "data=<preset: text_files, sft_files, chat_files, alpaca_files, ...> "
+        "data.path=<your files>",
+    }
+    raise ConfigError(
+        f"{' and '.join(missing)} not set: your run names its own model or data ({named}), so "
+        f"the demo experiment's are left out; give {'; '.join(hints[k] for k in missing)} "
+        "(or experiment=demo to train the demo with your changes)"
+    )
 
 
 def _explain(exc: BaseException) -> str:

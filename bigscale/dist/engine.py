@@ -6,7 +6,9 @@ trainer needs: forward, backward, step, gathered weights for export."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -42,12 +44,16 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 30.0) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        verbose=False,
-        timeout=timedelta(minutes=timeout_minutes),
-    )
+    # DeepSpeed prints its op-build line ("... shm_comm_op built successfully") from every rank;
+    # the first rank's copy is enough.
+    quiet = contextlib.redirect_stdout(io.StringIO()) if env.rank else contextlib.nullcontext()
+    with quiet:
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
 
 
 def _free_port() -> int:
