@@ -243,7 +243,8 @@ def test_own_torchrun_rank_refuses_the_demo_preset_on_a_user_file(
     every rank stops, the message appears once, and the file is unchanged."""
     corpus = write_jsonl(tmp_path / "MY_CORPUS.jsonl", [{"body": f"line {i}"} for i in range(5)])
     before = corpus.read_bytes()
-    args = [f"data.path={corpus}", "data.text_field=body", f"run_dir={tmp_path / 'run'}"]
+    args = ["experiment=arithmetic", f"data.path={corpus}", "data.text_field=body"]
+    args.append(f"run_dir={tmp_path / 'run'}")
     proc = torchrun(2, args, tmp_path, bigscale_home, timeout=TIMEOUT)
     assert proc.returncode != 0, explain(proc)
     assert proc.stderr.count(f"error: data.path={corpus} is outside") == 1, explain(proc)
