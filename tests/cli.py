@@ -15,6 +15,7 @@ import psutil
 # Short, fast settings for runs whose point is the plumbing, not the accuracy. The model has
 # dropout on, so exact-resume tests also prove every rank's random state is restored.
 QUICK = [
+    "experiment=arithmetic",  # the tiny model and the arithmetic task, not the default demo
     "model.name_or_path=${oc.env:BIGSCALE_HOME}/models/tiny-dropout",
     "model.create_if_missing.dropout=0.1",
     "trainer.max_steps=24",

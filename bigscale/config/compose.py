@@ -28,6 +28,30 @@ from bigscale.errors import ConfigError
 from bigscale.home import bigscale_home
 
 SCHEMA_NAME = "train_schema"
+DEFAULT_EXPERIMENT = "demo"
+# Overrides that name the model or the data a run trains: with one of them and no experiment=,
+# the run is the user's own, and the demo experiment (its model, data, tuning, test set and
+# metric) is left out. Other model.* and data.* keys (data.max_length, ...) tune the demo.
+_SOURCE_GROUPS = ("model", "data")
+_SOURCE_KEYS = ("model.name_or_path", "model.gguf_file", "data.path", "data.mixture")
+
+
+def demo_left_out(overrides: list[str]) -> str | None:
+    """The override that leaves the default ``experiment=demo`` out, or None when it applies.
+    Decided here, at composition, so the launcher, the plan and every rank (also under a user's
+    own torchrun) agree."""
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+    if any(k.split("@", 1)[0] == "experiment" for k in keys):
+        return None  # an experiment the user named applies whatever else is set
+    for key, text in zip(keys, overrides, strict=True):
+        if key.split("@", 1)[0] in _SOURCE_GROUPS or key in _SOURCE_KEYS:
+            return text
+    return None
+
+
+def with_default_experiment(overrides: list[str]) -> list[str]:
+    """``overrides`` plus ``experiment=none`` when they name a model or data of their own."""
+    return [*overrides, "experiment=none"] if demo_left_out(overrides) else list(overrides)
 
 
 def config_dir() -> Path:
@@ -58,7 +82,7 @@ def compose_raw(overrides: list[str], conf_dir: Path | None = None) -> DictConfi
         )
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=list(overrides))
+            cfg = compose(config_name="train", overrides=with_default_experiment(overrides))
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(_explain(exc)) from None
     finally:
@@ -105,7 +129,34 @@ def to_typed(cfg: DictConfig) -> TrainConfig:
 
 
 def compose_config(overrides: list[str], conf_dir: Path | None = None) -> TrainConfig:
-    return to_typed(compose_raw(overrides, conf_dir))
+    raw = compose_raw(overrides, conf_dir)
+    _check_own_run_complete(raw, overrides)
+    return to_typed(raw)
+
+
+def _check_own_run_complete(raw: DictConfig, overrides: list[str]) -> None:
+    """A run of the user's own (the demo left out) names both its model and its data."""
+    named = demo_left_out(overrides)
+    if named is None:
+        return
+    missing = [
+        f"{group}.{key}"
+        for group, key in (("model", "name_or_path"), ("data", "path"))
+        if OmegaConf.is_missing(raw[group], key)
+    ]
+    if not missing:
+        return
+    hints = {
+        "model.name_or_path": "model=<preset: conf/model/*.yaml> or model.name_or_path=<hub id "
+        "or directory>",
+        "data.path": "data=<preset: text_files, sft_files, chat_files, alpaca_files, ...> "
+        "data.path=<your files>",
+    }
+    raise ConfigError(
+        f"{' and '.join(missing)} not set: your run names its own model or data ({named}), so "
+        f"the demo experiment's are left out; give {'; '.join(hints[k] for k in missing)} "
+        "(or experiment=demo to train the demo with your changes)"
+    )
 
 
 def _explain(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bigscale.config.schema import TrainConfig
+from bigscale.config.schema import OptimConfig, TrainConfig
 from bigscale.dist.layout import data_parallel_size
 from bigscale.errors import ConfigError
 
@@ -59,6 +59,9 @@ class RunShape:
     data: DataStats | None = None
     """The training data's counts; None when not known (a stream, or a plan that did not
     tokenize because nothing needed it)."""
+    warmup_steps: int = 0
+    """Warmup steps of the lr schedule (``warmup_for``): ``optim.warmup_steps``, or
+    ``optim.warmup_ratio`` of ``max_steps``."""
 
     def steps_text(self) -> str:
         """``37 (from trainer.epochs=2: ...)``: the same words in the plan and a rank's log."""
@@ -73,25 +76,42 @@ def derive(cfg: TrainConfig, world_size: int, data: DataStats | None) -> RunShap
     dp = data_parallel_size(cfg.strategy, world_size)
     batch = t.global_batch(dp)
     if t.epochs is None:
-        return RunShape(world_size, batch, t.max_steps, "trainer.max_steps", data)
+        warmup = warmup_for(cfg.optim, t.max_steps)
+        return RunShape(world_size, batch, t.max_steps, "trainer.max_steps", data, warmup)
     if data is None:
         raise ValueError("trainer.epochs needs the training data's counts")
     steps, per_rank, batches = epoch_steps(
         t.epochs, data.rows, dp, t.micro_batch_size, t.grad_accum, data.packed
     )
-    warmup = cfg.optim.warmup_steps
+    warmup = warmup_for(cfg.optim, steps)
     if warmup >= steps:
         raise ConfigError(
             f"trainer.epochs={t.epochs:g} makes {steps} optimizer steps ({data.rows} "
             f"{data.unit}, {batch} per step), no more than "
-            f"optim.warmup_steps={warmup}; lower optim.warmup_steps or raise trainer.epochs"
+            f"{warmup} warmup steps ({_warmup_source(cfg.optim)}); lower the warmup or raise "
+            "trainer.epochs"
         )
     reason = (
         f"from trainer.epochs={t.epochs:g}: {data.rows} {data.unit} / {dp} ranks = "
         f"{per_rank} per rank = {batches} micro batches of {t.micro_batch_size}, "
         f"{t.grad_accum} per step"
     )
-    return RunShape(world_size, batch, steps, reason, data)
+    return RunShape(world_size, batch, steps, reason, data, warmup)
+
+
+def warmup_for(optim: OptimConfig, max_steps: int) -> int:
+    """Warmup steps for a run of ``max_steps``: ``optim.warmup_steps``, or
+    ``ceil(optim.warmup_ratio x max_steps)`` (validation allows only one of them). The plan,
+    the rank's ``RunShape`` and the lr schedule all ask here."""
+    if optim.warmup_ratio > 0:
+        return math.ceil(optim.warmup_ratio * max_steps)
+    return optim.warmup_steps
+
+
+def _warmup_source(optim: OptimConfig) -> str:
+    if optim.warmup_ratio > 0:
+        return f"optim.warmup_ratio={optim.warmup_ratio:g}"
+    return f"optim.warmup_steps={optim.warmup_steps}"
 
 
 def epoch_steps(

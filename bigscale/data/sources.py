@@ -235,7 +235,7 @@ def _local_files(path: str, key: str) -> list[Path]:
 def preflight(cfg: DataConfig) -> None:
     """Check every local data file the config names; a hub name is accepted unchecked (offline).
 
-    Generated files (``data.generate_arithmetic``) must be written before this runs. Each
+    Generated files (``data.generate``) must be written before this runs. Each
     source of a mixture is checked with its own fields; a streamed corpus only by its head.
     """
     from bigscale.data.mixture import STREAM_PREFLIGHT_ROWS, mixture_sources

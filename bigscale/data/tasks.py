@@ -1,22 +1,27 @@
-"""Built-in synthetic task: two-operand addition as prompt/response pairs.
+"""Built-in synthetic tasks with a checkable answer, generated deterministically.
 
-Small enough for a tiny model to learn in minutes on a CPU, and exact-match on held-out sums shows
-whether training worked at all.
+``arithmetic``: two-operand addition as prompt/response pairs, small enough for a tiny model to
+learn in minutes on a CPU. ``dates``: chat conversations asking for a date written in words as
+ISO 8601 (``March 5, 1999`` -> ``1999-03-05``), which a pretrained instruct model does not answer
+in exactly that form before fine-tuning and learns in a few dozen steps. Exact match on the
+held-out split shows whether training worked at all.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TEST_SIZE = 500
 VALIDATION_SIZE = 500
 
 
-def _write_new(path: Path, rows: list[dict[str, str]]) -> None:
+def _write_new(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write ``path`` whole, only if it does not exist: an existing file is never replaced."""
     # Temp file in the same directory, then a hard link to the final name: the link appears
     # whole or not at all, and fails (instead of replacing) when the name is already taken.
@@ -69,6 +74,64 @@ def write_arithmetic_task(
             "to hold out test and validation rows."
         )
     test, validation, train = rows[:TEST_SIZE], rows[TEST_SIZE:held_out], rows[held_out:]
+    _write_new(Path(train_path), train)
+    if validation_path is not None:
+        _write_new(Path(validation_path), validation)
+    if test_path is not None:
+        _write_new(Path(test_path), test)
+
+
+DATES_TRAIN_SIZE = 2000
+DATES_HELD_OUT_SIZE = 200  # validation and test, each
+DATES_INSTRUCTION = "Write this date in ISO 8601 format (YYYY-MM-DD): "
+_MONTHS = [datetime.date(2000, m, 1).strftime("%B") for m in range(1, 13)]
+
+
+def _spelled(day: datetime.date, style: int) -> str:
+    month = _MONTHS[day.month - 1]
+    return [
+        f"{month} {day.day}, {day.year}",
+        f"{day.day} {month} {day.year}",
+        f"{month[:3]} {day.day}, {day.year}",
+    ][style]
+
+
+def date_rows(seed: int = 0) -> list[dict[str, Any]]:
+    """Distinct dates between 1900 and 2099 in three spellings, as one-turn chats."""
+    rng = random.Random(seed)
+    first, span = (
+        datetime.date(1900, 1, 1),
+        (datetime.date(2099, 12, 31) - datetime.date(1900, 1, 1)).days,
+    )
+    total = DATES_TRAIN_SIZE + 2 * DATES_HELD_OUT_SIZE
+    days = sorted(rng.sample(range(span + 1), total))
+    rng.shuffle(days)
+    rows = []
+    for offset in days:
+        day = first + datetime.timedelta(days=offset)
+        question = DATES_INSTRUCTION + _spelled(day, rng.randrange(3))
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": day.isoformat()},
+                ]
+            }
+        )
+    return rows
+
+
+def write_dates_task(
+    train_path: str | os.PathLike[str],
+    validation_path: str | os.PathLike[str] | None,
+    test_path: str | os.PathLike[str] | None,
+    seed: int = 0,
+) -> None:
+    """Write the dates task as JSON lines (a ``messages`` list per row): 200 test rows, 200
+    validation rows, 2,000 training rows, no date in two splits. Only missing files are written."""
+    rows = date_rows(seed)
+    held = DATES_HELD_OUT_SIZE
+    test, validation, train = rows[:held], rows[held : 2 * held], rows[2 * held :]
     _write_new(Path(train_path), train)
     if validation_path is not None:
         _write_new(Path(validation_path), validation)

@@ -6,7 +6,9 @@ trainer needs: forward, backward, step, gathered weights for export."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -21,6 +23,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.integrations import HfDeepSpeedConfig
 
+from bigscale.config.derived import warmup_for
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.data.collate import model_inputs
 from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
@@ -42,12 +45,16 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 30.0) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=False,
-        verbose=False,
-        timeout=timedelta(minutes=timeout_minutes),
-    )
+    # DeepSpeed prints its op-build line ("... shm_comm_op built successfully") from every rank;
+    # the first rank's copy is enough.
+    quiet = contextlib.redirect_stdout(io.StringIO()) if env.rank else contextlib.nullcontext()
+    with quiet:
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
 
 
 def _free_port() -> int:
@@ -131,11 +138,13 @@ def lr_lambda(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at optimizer step ``step``: linear warmup, then the schedule,
     never below ``min_lr_ratio``."""
 
+    warmup = warmup_for(optim, max_steps)  # as RunShape.warmup_steps, which the plan prints
+
     def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        span = max(1, max_steps - optim.warmup_steps)
-        progress = min(1.0, (step - optim.warmup_steps) / span)
+        if step < warmup:
+            return (step + 1) / warmup
+        span = max(1, max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
         if optim.schedule == "constant":
             decay = 1.0
         elif optim.schedule == "linear":

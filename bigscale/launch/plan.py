@@ -29,6 +29,7 @@ from bigscale.launch.memory import (
 )
 from bigscale.launch.node import multinode_command
 from bigscale.launch.topology import Topology, node_hardware, resolve_topology
+from bigscale.model.gguf import model_dir
 from bigscale.train.rundir import default_run_dir
 
 _PLAIN_VALUE = re.compile(r"^[\w/.:~+@-]+$")
@@ -195,9 +196,7 @@ def _resolve_auto_strategy(
     m = cfg.model
     ensure_model_files(m)  # the tiny model is created on first use; its config is needed now
     try:
-        shape = finetuned(
-            model_shape(m.name_or_path, m.revision, m.trust_remote_code), cfg.finetune
-        )
+        shape = finetuned(model_shape(model_dir(m), m.revision, m.trust_remote_code), cfg.finetune)
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"strategy=auto needs the config of model.name_or_path={m.name_or_path!r} to "
@@ -217,9 +216,9 @@ def memory_estimate(plan: Plan) -> tuple[MemoryEstimate, Workload] | str:
     c = plan.cfg
     m = c.model
     try:
-        shape: ModelShape = model_shape(m.name_or_path, m.revision, m.trust_remote_code)
+        shape: ModelShape = model_shape(model_dir(m), m.revision, m.trust_remote_code)
     except (OSError, ValueError) as exc:
-        if m.create_if_missing is not None:
+        if m.create_if_missing is not None or m.gguf_file is not None:
             return "model is created on first use"
         return f"unknown (model config not readable: {str(exc).splitlines()[0]})"
     work = Workload.from_config(c, plan.shape.data)
@@ -235,7 +234,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         device += " per node"
     lines = [
         f"run directory   {plan.run_dir}",
-        f"model           {c.model.name_or_path}",
+        f"experiment      {_experiment_summary(plan)}",
+        f"model           {_model_summary(c)}",
         f"data            {c.data.path} (style={c.data.style.value}, max_length="
         f"{c.data.max_length}, packing={c.data.packing})",
         f"strategy        {c.strategy.name} (ZeRO stage {c.strategy.zero_stage}, offload "
@@ -250,7 +250,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"{plan.global_batch * c.data.max_length:,} tokens/step",
         f"steps           {plan.shape.steps_text()}",
         f"schedule        lr {c.optim.lr:g}, {c.optim.schedule.value}, warmup "
-        f"{c.optim.warmup_steps} of {plan.shape.max_steps} steps",
+        f"{plan.shape.warmup_steps} of {plan.shape.max_steps} steps"
+        + (f" (optim.warmup_ratio={c.optim.warmup_ratio:g})" if c.optim.warmup_ratio else ""),
         f"speed           {_speed_summary(c)}",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
@@ -331,6 +332,25 @@ def _resume_lines(plan: Plan) -> list[str]:
     else:
         return []
     return lines + [f"                skipped: newer {text}" for text in damaged]
+
+
+def _experiment_summary(plan: Plan) -> str:
+    from bigscale.config.compose import DEFAULT_EXPERIMENT, demo_left_out
+
+    named = demo_left_out(plan.overrides)
+    if named is None:
+        return plan.cfg.experiment
+    return (
+        f"none: your run ({named}), so the {DEFAULT_EXPERIMENT} experiment's model, data, "
+        "tuning and test set are left out (experiment=demo to keep them)"
+    )
+
+
+def _model_summary(c: TrainConfig) -> str:
+    m = c.model
+    if m.gguf_file is None:
+        return m.name_or_path
+    return f"{m.name_or_path} gguf_file={m.gguf_file} (loaded from {model_dir(m)})"
 
 
 def _speed_summary(c: TrainConfig) -> str:

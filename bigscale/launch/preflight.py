@@ -51,7 +51,7 @@ def check(plan: Plan, submitting: bool) -> list[str]:
 
 def check_data(cfg: TrainConfig) -> None:
     """The data files ``train`` would check; generated ones may not exist yet, and are skipped."""
-    if not cfg.data.generate_arithmetic:
+    if cfg.data.generate is None:
         check_data_files(cfg.data)
 
 

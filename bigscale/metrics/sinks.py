@@ -10,8 +10,9 @@ import math
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
@@ -122,14 +123,56 @@ def _run_id(run_dir: Path) -> str:
 
 
 class ProgressBar:
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
-        self._bar = tqdm(total=total, initial=initial, desc="train", disable=not enabled)
+    """tqdm's bar on a terminal; into a file (a Slurm log, a pipe) whole lines every
+    ``line_seconds`` instead, since a redrawn bar there is one endless carriage-return line."""
+
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        line_seconds: float = 30.0,
+    ):
+        self._stream = stream or sys.stderr
+        self._lines = enabled and not self._stream.isatty()
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc="train",
+            disable=not enabled or self._lines,
+            file=self._stream,
+        )
+        self._total, self._initial, self._n = total, initial, initial
+        self._start = self._last = time.monotonic()
+        self._every = line_seconds
+        self._postfix = ""
 
     def update(self, step: int, row: dict[str, Any] | None = None) -> None:
-        self._bar.update(step - self._bar.n)
         if row:
             shown = {k: row[k] for k in ("loss", "lr", "tokens_per_s") if k in row}
+            self._postfix = ", ".join(f"{k}={v:.3g}" for k, v in shown.items())
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        self._bar.update(step - self._bar.n)
+        self._n = step
+        now = time.monotonic()
+        if self._lines and (now - self._last >= self._every or step >= self._total):
+            self._last = now
+            self._write_line(now)
+
+    def _write_line(self, now: float) -> None:
+        elapsed = now - self._start
+        done = self._n - self._initial  # this process's steps set the rate, not resumed ones
+        meter = tqdm.format_meter(
+            self._n,
+            self._total,
+            elapsed,
+            prefix="train",
+            postfix=self._postfix or None,
+            unit="step",
+            rate=done / elapsed if elapsed > 0 and done else None,
+        )
+        print(meter, file=self._stream, flush=True)
 
     def close(self) -> None:
         self._bar.close()

@@ -22,6 +22,7 @@ from bigscale.errors import ModelError
 from bigscale.logging import get_logger
 from bigscale.model.attention import attention_kernel
 from bigscale.model.chunked_loss import install_chunked_loss
+from bigscale.model.gguf import ensure_converted, model_dir
 from bigscale.model.source import creates_model, unsafe_pickle_error
 from bigscale.model.tiny import create_tiny_model
 
@@ -41,7 +42,10 @@ _PRECISION_DTYPES = {
 
 def ensure_model_files(cfg: ModelConfig) -> None:
     """Create the tiny model on first use when the preset asks for it and the path is
-    bigscale's own (``creates_model``); idempotent, atomic, never over an existing folder."""
+    bigscale's own (``creates_model``), or convert ``model.gguf_file`` once; idempotent, atomic,
+    never over an existing folder."""
+    if cfg.gguf_file is not None:
+        ensure_converted(cfg)
     if creates_model(cfg):
         assert cfg.create_if_missing is not None
         create_tiny_model(Path(cfg.name_or_path).expanduser(), cfg.create_if_missing)
@@ -54,7 +58,7 @@ def load_dtype(cfg: ModelConfig, precision: Precision) -> torch.dtype:
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    source = cfg.tokenizer_name_or_path or cfg.name_or_path
+    source = cfg.tokenizer_name_or_path or model_dir(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
@@ -91,7 +95,7 @@ def load_model(
     extra = reward_head_kwargs(tokenizer) if reward else {}
     try:
         model = auto.from_pretrained(
-            cfg.name_or_path,
+            model_dir(cfg),
             revision=cfg.revision,
             dtype=dtype,
             attn_implementation=kernel,

@@ -34,6 +34,11 @@ def creates_model(m: ModelConfig) -> bool:
 
 def check_model_source(m: ModelConfig) -> None:
     """Raise ConfigError naming ``model.name_or_path`` when it cannot be what the ranks load."""
+    if m.gguf_file is not None:
+        from bigscale.model.gguf import check_gguf
+
+        check_gguf(m)
+        return
     path = Path(m.name_or_path).expanduser()
     if creates_model(m):
         if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():

@@ -39,6 +39,7 @@ from bigscale.train.guard import StepGuard
 from bigscale.train.metric_fn import load_metric_fn
 from bigscale.train.objectives import TRAIN, VALIDATION
 from bigscale.train.preemption import StopSignals, requeue_slurm_job, signal_name
+from bigscale.train.samples import answer_samples
 from bigscale.train.state import TrainState
 from bigscale.versions import package_versions
 
@@ -162,6 +163,8 @@ class Trainer:
 
     def _fit(self, watchdog: StallWatchdog) -> dict[str, float]:
         summary: dict[str, float] = {}
+        if self.step == 0:
+            self._report_samples("before")
         if self.task_examples and self.step == 0:
             summary.update(self._report_task_metric("before"))
         self.train_loop()
@@ -170,6 +173,7 @@ class Trainer:
         summary.update(self._report_final_eval())
         if self.task_examples:
             summary.update(self._report_task_metric("after"))
+        self._report_samples("after")
         if self.early_stop.stopped_at is not None:
             summary["early_stopped_at_step"] = float(self.early_stop.stopped_at)
         self.save_checkpoint(force=True)
@@ -325,6 +329,10 @@ class Trainer:
         )
         values[task_eval.BUDGET_HITS] = generations.budget_hits
         return values
+
+    def _report_samples(self, when: str) -> None:
+        synced = self.engine.zero_stage == 3 and self.env.world_size > 1
+        answer_samples(self.engine.module, self.tokenizer, self.cfg.eval, self.env, synced, when)
 
     def _report_task_metric(self, when: str) -> dict[str, float]:
         values = self.evaluate_task()

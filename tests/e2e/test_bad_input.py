@@ -163,12 +163,13 @@ def test_dataset_empty_after_filtering(nproc: int, tmp_path: Path, bigscale_home
 
 
 def test_demo_preset_never_touches_a_user_data_file(tmp_path: Path, bigscale_home: Path) -> None:
-    """`data.path=` without a `data=` preset keeps the default arithmetic preset, which
-    generates its own task: it must refuse the user's path, not write the task over it."""
+    """`data.path=` under an experiment that keeps its generated-data preset (arithmetic): the
+    preset must refuse the user's path, not write the task over it."""
     corpus = write_jsonl(tmp_path / "MY_CORPUS.jsonl", [{"body": f"line {i}"} for i in range(5)])
     before = corpus.read_bytes()
     run_dir = tmp_path / "run"
-    overrides = [f"data.path={corpus}", "data.text_field=body", f"run_dir={run_dir}"]
+    overrides = ["experiment=arithmetic", f"data.path={corpus}", "data.text_field=body"]
+    overrides.append(f"run_dir={run_dir}")
     proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
     assert_user_error(proc, f"data.path={corpus}", "data=arithmetic", "data=text_files")
     assert corpus.read_bytes() == before
@@ -180,7 +181,7 @@ def test_mistyped_model_path_is_an_error_not_a_new_model(
 ) -> None:
     typo = tmp_path / "path" / "to" / "typo"
     run_dir = tmp_path / "run"
-    overrides = [f"model.name_or_path={typo}", f"run_dir={run_dir}"]
+    overrides = ["experiment=arithmetic", f"model.name_or_path={typo}", f"run_dir={run_dir}"]
     proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
     assert_user_error(proc, f"model.name_or_path={typo} does not exist")
     assert not (tmp_path / "path").exists() and not run_dir.exists()
@@ -191,7 +192,7 @@ def test_directory_without_config_json(tmp_path: Path, bigscale_home: Path) -> N
     folder.mkdir()
     (folder / "weights.txt").write_text("not a model")
     run_dir = tmp_path / "run"
-    overrides = [f"model.name_or_path={folder}", f"run_dir={run_dir}"]
+    overrides = [f"model.name_or_path={folder}", "data=arithmetic", f"run_dir={run_dir}"]
     proc = bigscale(["train", *overrides], tmp_path, bigscale_home, TIMEOUT)
     assert_user_error(proc, f"model.name_or_path={folder} is a directory without config.json")
     assert [p.name for p in folder.iterdir()] == ["weights.txt"] and not run_dir.exists()
@@ -242,7 +243,8 @@ def test_own_torchrun_rank_refuses_the_demo_preset_on_a_user_file(
     every rank stops, the message appears once, and the file is unchanged."""
     corpus = write_jsonl(tmp_path / "MY_CORPUS.jsonl", [{"body": f"line {i}"} for i in range(5)])
     before = corpus.read_bytes()
-    args = [f"data.path={corpus}", "data.text_field=body", f"run_dir={tmp_path / 'run'}"]
+    args = ["experiment=arithmetic", f"data.path={corpus}", "data.text_field=body"]
+    args.append(f"run_dir={tmp_path / 'run'}")
     proc = torchrun(2, args, tmp_path, bigscale_home, timeout=TIMEOUT)
     assert proc.returncode != 0, explain(proc)
     assert proc.stderr.count(f"error: data.path={corpus} is outside") == 1, explain(proc)

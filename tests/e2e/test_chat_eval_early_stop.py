@@ -104,6 +104,7 @@ def test_a_conversation_not_ending_with_the_assistant_fails_before_any_rank(
         {"messages": [{"role": "user", "content": "hi"}]},
     ]
     args = [
+        "model=tiny",
         "data=chat_files",
         f"data.path={write_jsonl(tmp_path / 'chats.jsonl', chats)}",
         "logger=disabled",
@@ -124,6 +125,7 @@ def test_a_template_that_raises_stops_the_rank_naming_the_example(
     tool = [{"role": "tool", "content": "42"}, {"role": "assistant", "content": "ok"}]
     chats = [{"messages": turn}] * 2 + [{"messages": tool}] + [{"messages": turn}] * 7
     args = [
+        "model=tiny",
         "data=chat_files",
         f"data.path={write_jsonl(tmp_path / 'chats.jsonl', chats)}",
         "data.validation_fraction=0",

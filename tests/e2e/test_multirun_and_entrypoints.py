@@ -67,7 +67,8 @@ def test_plan_prints_batch_math_and_the_exact_command(tmp_path: Path, bigscale_h
     assert proc.returncode == 0, explain(proc)
     lines = proc.stdout.splitlines()
     batch = next(line for line in lines if line.startswith("batch"))
-    assert "64 micro x 1 accum x 2 ranks = 128 sequences/step" in batch, batch
+    assert "4 micro x 1 accum x 2 ranks = 8 sequences/step" in batch, batch  # the demo's
+    assert "experiment      demo" in lines
     command = next(line for line in lines if line.startswith("command"))
     expected = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     expected += ["--nproc_per_node", "2", "-m", "bigscale.train", f"run_dir={run_dir.resolve()}"]

@@ -15,6 +15,7 @@ from bigscale.home import bigscale_home
 from bigscale.train.assets import prepare_assets
 
 SMALL_MODEL = [
+    "experiment=arithmetic",
     "model.create_if_missing.hidden_size=16",
     "model.create_if_missing.num_layers=1",
     "model.create_if_missing.num_heads=2",
@@ -34,12 +35,12 @@ def digest(path: Path) -> str:
 
 
 def test_home_is_one_definition_used_by_the_presets(home: Path, monkeypatch) -> None:
-    cfg = compose_config([])
+    cfg = compose_config(["experiment=arithmetic"])
     assert Path(cfg.model.name_or_path) == home / "models" / "tiny-llama"
     assert Path(cfg.data.path) == home / "data" / "arithmetic" / "train.jsonl"
     monkeypatch.delenv("BIGSCALE_HOME")
     assert bigscale_home() == Path.cwd() / ".cache" / "bigscale"
-    assert Path(compose_config([]).data.test_path).parent == bigscale_home() / "data" / "arithmetic"
+    assert Path(compose_config([]).data.test_path).parent == bigscale_home() / "data" / "dates"
 
 
 def test_default_presets_create_their_assets_once(home: Path) -> None:
@@ -59,7 +60,7 @@ def test_demo_preset_never_writes_a_user_data_file(home: Path, tmp_path: Path) -
     corpus = tmp_path / "MY_CORPUS.jsonl"
     corpus.write_text('{"body": "my own text"}\n')
     before = digest(corpus)
-    cfg = compose_config([f"data.path={corpus}", "data.text_field=body"])
+    cfg = compose_config(["experiment=arithmetic", f"data.path={corpus}", "data.text_field=body"])
     for check in (lambda: validate(cfg, 2, Hardware()), lambda: prepare_assets(cfg)):
         with pytest.raises(ConfigError) as err:
             check()

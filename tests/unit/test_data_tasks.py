@@ -44,3 +44,26 @@ def test_existing_files_are_never_overwritten(tmp_path: Path) -> None:
     write_arithmetic_task(a, b, c, seed=1, max_operand=99)
     assert c.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl", "train.jsonl", "val.jsonl"]
+
+
+def test_dates_task_is_deterministic_disjoint_and_checkable(tmp_path: Path) -> None:
+    import datetime
+
+    from bigscale.data.tasks import DATES_INSTRUCTION, write_dates_task
+
+    a, b, c = (tmp_path / "a" / f"{n}.jsonl" for n in ("train", "validation", "test"))
+    write_dates_task(a, b, c, seed=0)
+    again = [tmp_path / "b" / f"{n}.jsonl" for n in ("train", "validation", "test")]
+    write_dates_task(*again, seed=0)
+    splits = [[json.loads(x) for x in p.read_text().splitlines()] for p in (a, b, c)]
+    assert [p.read_bytes() for p in (a, b, c)] == [p.read_bytes() for p in again]
+    assert [len(s) for s in splits] == [2000, 200, 200]
+    answers = [{r["messages"][1]["content"] for r in s} for s in splits]
+    assert not (answers[0] & answers[1] or answers[0] & answers[2] or answers[1] & answers[2])
+    for row in splits[2]:
+        user, assistant = row["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert user["content"].startswith(DATES_INSTRUCTION)
+        day = datetime.date.fromisoformat(assistant["content"])
+        spelled = user["content"].removeprefix(DATES_INSTRUCTION)
+        assert str(day.year) in spelled and day.strftime("%B")[:3] in spelled

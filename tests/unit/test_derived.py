@@ -45,14 +45,33 @@ def test_derived_steps_leave_the_config_alone_and_say_where_they_come_from() -> 
 
 
 def test_warmup_is_checked_against_the_derived_steps() -> None:
-    epochs = ["trainer.epochs=1", "optim.warmup_steps=50", "trainer.micro_batch_size=8"]
+    epochs = ["experiment=arithmetic", "trainer.epochs=1", "trainer.micro_batch_size=8"]
     cfg = compose_config([*epochs, "trainer.max_steps=1000"])
     validate(cfg, 2, Hardware())  # trainer.max_steps is not what runs: nothing to check yet
     with pytest.raises(ConfigError, match=r"makes 10 optimizer steps .* optim.warmup_steps=50"):
         derive(cfg, 2, DataStats(rows=160, longest=16, packed=False))
-    short = compose_config(["optim.warmup_steps=50", "trainer.max_steps=50"])
+    short = compose_config(["experiment=arithmetic", "trainer.max_steps=50"])
     with pytest.raises(ConfigError, match="optim.warmup_steps=50 must be in"):
         validate(short, 2, Hardware())
+
+
+def test_warmup_ratio_scales_with_the_run_and_drives_the_schedule() -> None:
+    from bigscale.dist.engine import lr_lambda
+
+    base = ["experiment=none", "model=tiny", "data=arithmetic", "optim.warmup_ratio=0.1"]
+    cfg = compose_config([*base, "trainer.max_steps=25"])
+    validate(cfg, 2, Hardware())
+    shape = derive(cfg, 2, None)
+    assert shape.warmup_steps == 3  # ceil(2.5)
+    factor = lr_lambda(cfg.optim, shape.max_steps)
+    assert [factor(s) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    epochs = compose_config([*base, "trainer.epochs=1", "trainer.micro_batch_size=8"])
+    assert derive(epochs, 2, DataStats(rows=160, longest=16, packed=False)).warmup_steps == 1
+    both = compose_config([*base, "optim.warmup_steps=5"])
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=5 and optim.warmup_ratio=0.1"):
+        validate(both, 2, Hardware())
+    with pytest.raises(ConfigError, match=r"optim.warmup_ratio=1 must be in \[0, 1\)"):
+        validate(compose_config([*base[:-1], "optim.warmup_ratio=1"]), 2, Hardware())
 
 
 def test_one_global_batch_for_validation_deepspeed_and_the_fingerprint() -> None:

@@ -229,14 +229,14 @@ def test_cli_warns_but_plans(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_plan_checks_data_files_that_are_not_generated(tmp_path: Path) -> None:
-    cfg = compose_config(["data=text_files", "data.path=missing.jsonl"])
+    cfg = compose_config(["model=tiny", "data=text_files", "data.path=missing.jsonl"])
     with pytest.raises(DataError, match="data.path='missing.jsonl'"):
         preflight.check_data(cfg)
     preflight.check_data(compose_config([]))  # the default job writes its data on first use
 
 
 def test_plan_refuses_a_missing_model_directory(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_main(["plan", "model.name_or_path=./no-such-model", "model.create_if_missing=null"])
+    assert cli_main(["plan", "model.name_or_path=./no-such-model", "data=arithmetic"])
     assert "model.name_or_path=./no-such-model does not exist" in capsys.readouterr().err
 
 
@@ -270,7 +270,8 @@ def test_the_plan_shows_the_speed_switches(overrides: list[str], line: str) -> N
 
 
 def test_epochs_are_planned_as_steps_from_the_tokenized_data() -> None:
-    overrides = ["trainer.epochs=0.5", "trainer.micro_batch_size=16", "optim.warmup_steps=1"]
+    overrides = ["experiment=arithmetic", "trainer.epochs=0.5", "trainer.micro_batch_size=16"]
+    overrides.append("optim.warmup_steps=1")
     plan = plan_for(overrides)
     data = plan.shape.data
     assert data is not None and not data.packed and 0 < data.longest <= plan.cfg.data.max_length
@@ -282,7 +283,7 @@ def test_epochs_are_planned_as_steps_from_the_tokenized_data() -> None:
     assert line == f"steps           {expected} ({plan.shape.steps_from})"
     assert plan.shape.steps_from.startswith(f"from trainer.epochs=0.5: {data.rows} examples / 2")
     with pytest.raises(ConfigError, match=f"makes {expected} optimizer steps"):
-        plan_for(["trainer.epochs=0.5", "trainer.micro_batch_size=16", "optim.warmup_steps=500"])
+        plan_for([*overrides[:-1], "optim.warmup_steps=500"])
 
 
 def _checkpoint(root: Path, tag: str, damaged: bool) -> None:

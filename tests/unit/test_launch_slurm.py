@@ -89,7 +89,7 @@ def test_every_launcher_field_reaches_its_sbatch_line(tmp_path: Path) -> None:
 def test_defaults_ask_only_for_what_is_set(tmp_path: Path) -> None:
     plan = plan_for(["launcher=slurm", f"run_dir={tmp_path / 'run'}"])
     lines = sbatch_lines(render_script(plan))
-    assert "#SBATCH --job-name=bigscale-arithmetic" in lines
+    assert "#SBATCH --job-name=bigscale-demo" in lines
     assert "#SBATCH --nodes=1" in lines
     assert "#SBATCH --signal=USR1@120" in lines
     for absent in ("--gpus-per-node", "--cpus-per-task", "--partition", "--account", "--qos"):

@@ -132,7 +132,7 @@ def test_plan_replaces_auto_with_the_choice_for_the_ranks(
     monkeypatch.chdir(tmp_path)
     model_dir = tmp_path / "llama"
     llama_config().save_pretrained(model_dir)  # a config is all the estimate reads
-    overrides = ["strategy=auto", f"model.name_or_path={model_dir}", "model.create_if_missing=null"]
+    overrides = ["strategy=auto", f"model.name_or_path={model_dir}", "data=arithmetic"]
     gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
     plan = make_plan(compose_config(overrides), overrides, hw=gpus)
     assert plan.cfg.strategy.name == "ddp"  # a 4M-parameter model fits anywhere
@@ -195,7 +195,7 @@ def test_lora_plans_and_auto_price_only_the_adapters(
     monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     llama_config().save_pretrained(tmp_path / "llama")
-    model = [f"model.name_or_path={tmp_path / 'llama'}", "model.create_if_missing=null"]
+    model = [f"model.name_or_path={tmp_path / 'llama'}", "data=arithmetic"]
     lora = ["finetune=lora", "finetune.r=2"]
     gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
     plans = {

@@ -33,7 +33,7 @@ def pickled_model(directory: Path, extra: object | None) -> Path:
 
 
 def model_cfg(directory: Path):
-    return compose_config([f"model.name_or_path={directory}", "model.create_if_missing=null"])
+    return compose_config([f"model.name_or_path={directory}", "data=arithmetic"])
 
 
 def assert_refused_for_safety(message: str, directory: Path) -> None:

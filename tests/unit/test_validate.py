@@ -75,16 +75,16 @@ def test_auto_precision_follows_hardware() -> None:
 def test_missing_local_model_path(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     with pytest.raises(ConfigError, match="does not exist"):
-        check(["model=gpt2", f"model.name_or_path={missing}"])
+        check(["model=gpt2", f"model.name_or_path={missing}", "data=arithmetic"])
 
 
 def test_hub_id_is_not_checked_locally() -> None:
-    check(["model=qwen2_5_0_5b"])
+    check(["model=qwen2_5_0_5b", "data=arithmetic"])
 
 
 def test_warmup_must_fit_in_training() -> None:
     with pytest.raises(ConfigError, match="warmup_steps"):
-        check(["trainer.max_steps=10", "optim.warmup_steps=10"])
+        check(["experiment=arithmetic", "trainer.max_steps=10", "optim.warmup_steps=10"])
 
 
 def test_exact_match_needs_a_test_file() -> None:
