@@ -51,6 +51,7 @@ def fingerprint(
     return {
         "model.name_or_path": cfg.model.name_or_path,
         "model.revision": cfg.model.revision,
+        "model.gguf_file": cfg.model.gguf_file,
         "data.path": cfg.data.path,
         "data.style": cfg.data.style.value,
         "data.max_length": cfg.data.max_length,
