@@ -24,6 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from bigscale.config.schema import DataConfig, DataStyle, EvalConfig, TrainConfig
 from bigscale.data.chat import CHAT_STYLES, conversation, render
 from bigscale.dist.env import DistEnv
+from bigscale.dist.watchdog import PROGRESS
 from bigscale.dist.layout import ParallelLayout
 from bigscale.errors import BigscaleError
 from bigscale.generation import AnswerEnd, answer_end
@@ -182,6 +183,7 @@ def generate(
     max_new_tokens = budget(tokenizer, examples, cfg, end)
     mine: list[tuple[str, bool]] = []
     for start in range(0, per_rank, cfg.batch_size):
+        PROGRESS.mark("generation eval")  # per batch: a long eval is progress, not a stall
         batch = shard[start : start + cfg.batch_size]
         prompts = [_encode_prompt(tokenizer, ex.prompt) if ex else [pad] for ex in batch]
         width = max(len(p) for p in prompts)
