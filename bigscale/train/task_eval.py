@@ -24,8 +24,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from bigscale.config.schema import DataConfig, DataStyle, EvalConfig, TrainConfig
 from bigscale.data.chat import CHAT_STYLES, conversation, render
 from bigscale.dist.env import DistEnv
-from bigscale.dist.watchdog import PROGRESS
 from bigscale.dist.layout import ParallelLayout
+from bigscale.dist.watchdog import PROGRESS
 from bigscale.errors import BigscaleError
 from bigscale.generation import AnswerEnd, answer_end
 from bigscale.logging import get_logger
