@@ -25,6 +25,7 @@ from tests.e2e.test_bad_input import assert_user_error
 pytestmark = pytest.mark.distributed
 
 ARGS = [
+    "experiment=arithmetic",  # the tiny model and the arithmetic task, not the default demo
     "model.name_or_path=${oc.env:BIGSCALE_HOME}/models/tiny-nodropout",
     "model.create_if_missing.dropout=0.0",  # dropout masks would differ between the layouts
     "trainer.precision=fp32",
