@@ -45,6 +45,7 @@ def pairs(n: int = 10, response: str | None = None) -> list[dict]:
 
 def sft_files(path: Path) -> list[str]:
     return [
+        "model=tiny",  # an own run names its model too: the demo's is left out with it
         "data=sft_files",
         f"data.path={path}",
         "data.validation_fraction=0.2",
@@ -72,7 +73,11 @@ def sft_files(path: Path) -> list[str]:
             id="batch-math",
         ),
         pytest.param(
-            ["model.name_or_path=/nonexistent/model", "model.create_if_missing=null"],
+            [
+                "experiment=arithmetic",
+                "model.name_or_path=/nonexistent/model",
+                "model.create_if_missing=null",
+            ],
             ["model.name_or_path=/nonexistent/model does not exist"],
             id="missing-model",
         ),
