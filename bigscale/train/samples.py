@@ -41,7 +41,7 @@ def answer_samples(
         return {}
     examples = sample_examples(cfg, tokenizer)
     budget = replace(cfg, max_new_tokens=cfg.sample_max_new_tokens)
-    answers = task_eval.generate(model, tokenizer, examples, budget, env, synced)
+    answers = task_eval.generate(model, tokenizer, examples, budget, env, synced).answers
     lines = [f"  {q} -> {a!r}" for q, a in zip(cfg.sample_prompts, answers, strict=True)]
     log.info("answers %s training:\n%s", when, "\n".join(lines))
     return dict(zip(cfg.sample_prompts, answers, strict=True))
