@@ -72,7 +72,9 @@ def test_demo_preset_never_writes_a_user_data_file(home: Path, tmp_path: Path) -
 
 
 def test_demo_preset_refuses_a_user_validation_path(home: Path, tmp_path: Path) -> None:
-    cfg = compose_config([f"data.validation_path={tmp_path / 'val.jsonl'}"])
+    cfg = compose_config(
+        ["experiment=arithmetic", f"data.validation_path={tmp_path / 'val.jsonl'}"]
+    )
     with pytest.raises(ConfigError, match="data.validation_path="):
         validate(cfg, 2, Hardware())
     assert not (tmp_path / "val.jsonl").exists()
@@ -80,7 +82,7 @@ def test_demo_preset_refuses_a_user_validation_path(home: Path, tmp_path: Path) 
 
 def test_mistyped_model_path_under_the_tiny_preset_is_an_error(home: Path, tmp_path: Path) -> None:
     typo = tmp_path / "path" / "to" / "typo"
-    cfg = compose_config([f"model.name_or_path={typo}"])
+    cfg = compose_config(["experiment=arithmetic", f"model.name_or_path={typo}"])
     with pytest.raises(ConfigError) as err:
         validate(cfg, 2, Hardware())
     assert f"model.name_or_path={typo} does not exist" in str(err.value)
@@ -94,7 +96,7 @@ def test_directory_without_config_json_is_not_a_model(home: Path, tmp_path: Path
     folder = tmp_path / "mymodel"
     folder.mkdir()
     (folder / "notes.txt").write_text("not a model")
-    cfg = compose_config([f"model.name_or_path={folder}"])
+    cfg = compose_config(["experiment=arithmetic", f"model.name_or_path={folder}"])
     with pytest.raises(ConfigError, match="is a directory without config.json"):
         validate(cfg, 2, Hardware())
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
@@ -119,7 +121,7 @@ def test_existing_model_at_a_user_path_is_loaded_not_recreated(home: Path, tmp_p
     from bigscale.model.tiny import create_tiny_model
 
     mine = tmp_path / "mine"
-    cfg = compose_config([f"model.name_or_path={mine}", *SMALL_MODEL])
+    cfg = compose_config(["experiment=arithmetic", f"model.name_or_path={mine}", *SMALL_MODEL])
     assert cfg.model.create_if_missing is not None
     create_tiny_model(mine, cfg.model.create_if_missing)  # stands in for the user's own model
     before = digest(mine / "config.json")
