@@ -48,7 +48,7 @@ def test_warmup_is_checked_against_the_derived_steps() -> None:
     epochs = ["experiment=arithmetic", "trainer.epochs=1", "trainer.micro_batch_size=8"]
     cfg = compose_config([*epochs, "trainer.max_steps=1000"])
     validate(cfg, 2, Hardware())  # trainer.max_steps is not what runs: nothing to check yet
-    with pytest.raises(ConfigError, match=r"makes 10 optimizer steps .* optim.warmup_steps=50"):
+    with pytest.raises(ConfigError, match=r"makes 10 optimizer steps .* \(optim.warmup_steps=50\)"):
         derive(cfg, 2, DataStats(rows=160, longest=16, packed=False))
     short = compose_config(["experiment=arithmetic", "trainer.max_steps=50"])
     with pytest.raises(ConfigError, match="optim.warmup_steps=50 must be in"):

@@ -62,7 +62,7 @@ def test_missing_metric_lists_what_the_evaluation_has() -> None:
 
 
 def check(overrides: list[str]) -> None:
-    validate(compose_config(overrides), 2, Hardware())
+    validate(compose_config(["experiment=arithmetic", *overrides]), 2, Hardware())
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def test_own_model_or_data_gets_generic_defaults(own: list[str]) -> None:
     assert cfg.optim.lr != DEMO.optim.lr and cfg.optim.warmup_ratio == 0
     assert cfg.trainer.max_steps != DEMO.trainer.max_steps
     assert cfg.data.test_path is None and cfg.data.generate is None  # no demo test set/metric
-    assert cfg.eval.sample_prompts == [] and cfg.eval.max_new_tokens != DEMO.eval.max_new_tokens
+    assert cfg.eval.sample_prompts == [] and cfg.eval.max_examples != DEMO.eval.max_examples
 
 
 def test_tuning_the_demo_keeps_it_and_a_named_experiment_always_applies() -> None:

@@ -48,7 +48,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def check(overrides: list[str], world_size: int) -> None:
-    validate(compose_config(["strategy=zero2", *overrides]), world_size, Hardware())
+    validate(
+        compose_config(["experiment=arithmetic", "strategy=zero2", *overrides]),
+        world_size,
+        Hardware(),
+    )
 
 
 @pytest.mark.parametrize(

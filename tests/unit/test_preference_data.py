@@ -144,7 +144,7 @@ def test_preflight_accepts_good_pairs(tmp_path: Path) -> None:
 
 
 def _validate(*overrides: str) -> None:
-    validate(compose_config(list(overrides)), 2, Hardware())
+    validate(compose_config(["experiment=arithmetic", *overrides]), 2, Hardware())
 
 
 def test_preference_objective_on_sft_data_names_the_fields_it_needs() -> None:
@@ -180,7 +180,7 @@ def test_objective_presets_compose(name: str) -> None:
 
 def test_demo_and_hub_presets_validate() -> None:
     _validate("experiment=dpo_arithmetic")
-    cfg = compose_config(["objective=dpo", "data=ultrafeedback"])
+    cfg = compose_config(["experiment=arithmetic", "objective=dpo", "data=ultrafeedback"])
     assert cfg.data.split == "train_prefs" and cfg.data.style is DataStyle.preference
 
 

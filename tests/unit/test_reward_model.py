@@ -133,7 +133,7 @@ def test_lora_on_a_reward_model_trains_the_score_head_in_full(
 
 
 def _validate(*overrides: str) -> None:
-    validate(compose_config(list(overrides)), 2, Hardware())
+    validate(compose_config(["experiment=arithmetic", *overrides]), 2, Hardware())
 
 
 def test_reward_validates_on_pairs_and_refuses_other_data() -> None:
