@@ -73,7 +73,9 @@ def reward_model(tmp_path: Path, char_tokenizer: Any) -> tuple[torch.nn.Module, 
     source = tmp_path / "tiny"
     tiny_llama(seed=1, vocab_size=len(char_tokenizer)).save_pretrained(source)
     char_tokenizer.save_pretrained(source)
-    cfg = compose_config([f"model.name_or_path={source}", "model.dtype=float32"])
+    cfg = compose_config(
+        ["experiment=arithmetic", f"model.name_or_path={source}", "model.dtype=float32"]
+    )
     model = load_model(cfg.model, Precision.fp32, char_tokenizer, reward=True)
     return model, char_tokenizer, cfg
 
@@ -85,7 +87,7 @@ def test_reward_head_scores_the_last_real_token_and_matches_trl(
     assert is_classifier(model) and model.config.num_labels == 1
     assert model.config.pad_token_id == tok.pad_token_id
     assert model.config.architectures == ["LlamaForSequenceClassification"]
-    cfg = compose_config(["data=arithmetic_pairs"])
+    cfg = compose_config(["experiment=arithmetic", "data=arithmetic_pairs"])
     rows = [
         {"prompt": "1+2=", "chosen": "3", "rejected": "3 !? wrong"},
         {"prompt": "12+30=", "chosen": "42", "rejected": "42!"},
