@@ -316,12 +316,23 @@ class Engine:
             norm = self._manual_grad_norm
         return None if norm is None else float(norm)
 
-    def save_checkpoint(self, directory: Path, tag: str) -> None:
+    def save_checkpoint(self, directory: Path, tag: str, writer: Any = None) -> None:
         """DeepSpeed's sharded model + optimizer + lr-schedule state (collective: every rank
-        writes its part). ``latest`` is bigscale's to move, after the checkpoint is complete."""
-        self._engine.save_checkpoint(
-            str(directory), tag=tag, save_latest=False, exclude_frozen_parameters=self.has_frozen
-        )
+        writes its part). ``latest`` is bigscale's to move, after the checkpoint is complete.
+        ``writer`` (a DeepSpeed checkpoint engine) receives every file DeepSpeed saves: bigscale
+        hashes them as they are written, or snapshots them for a background write."""
+        own = self._engine.checkpoint_engine
+        if writer is not None:
+            self._engine.checkpoint_engine = writer
+        try:
+            self._engine.save_checkpoint(
+                str(directory),
+                tag=tag,
+                save_latest=False,
+                exclude_frozen_parameters=self.has_frozen,
+            )
+        finally:
+            self._engine.checkpoint_engine = own
 
     def load_checkpoint(self, directory: Path, tag: str) -> None:
         """Restore model, optimizer and lr schedule, on this world size whatever the one that
