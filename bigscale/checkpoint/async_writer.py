@@ -26,9 +26,13 @@ _PARALLEL_HASH_BYTES = 1 << 20
 """Writes at least this large are hashed on a second thread while the file write runs (both
 release the GIL), so hashing adds little to a save's time when a core is free."""
 
-SLEEP_BEFORE_COMMIT_ENV = "BIGSCALE_FAULT_CKPT_SLEEP_SECONDS"
-"""Test-only: the background writer sleeps this long after writing, before the commit, so a
-test can signal or kill a run while a background write is in flight."""
+SLEEP_STEP_ENV, SLEEP_SECONDS_ENV = (
+    "BIGSCALE_FAULT_CKPT_SLEEP_STEP",
+    "BIGSCALE_FAULT_CKPT_SLEEP_SECONDS",
+)
+"""Test-only: the checkpoint of step ``$BIGSCALE_FAULT_CKPT_SLEEP_STEP`` sleeps
+``$BIGSCALE_FAULT_CKPT_SLEEP_SECONDS`` after writing its files, before the commit, so a test can
+signal or kill a run while that write is in flight."""
 
 _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bigscale-hash")
 
@@ -143,8 +147,9 @@ class FileWriter(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine for one save: writes hashed now (``defer=False``), or
     keeps a host snapshot of each file for ``write_all`` to write later (``defer=True``)."""
 
-    def __init__(self, defer: bool, pool: HostPool):
+    def __init__(self, defer: bool, pool: HostPool, step: int):
         super().__init__(None)
+        self.step = step
         self.zipfile_serialization = True
         self.defer, self.pool = defer, pool
         self.pending: list[tuple[Path, Any]] = []
@@ -161,9 +166,8 @@ class FileWriter(TorchCheckpointEngine):
         while self.pending:
             path, state = self.pending.pop(0)
             self.entries[path] = save_hashed(state, path)
-        delay = float(os.environ.get(SLEEP_BEFORE_COMMIT_ENV, "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
+        if os.environ.get(SLEEP_STEP_ENV) == str(self.step):
+            time.sleep(float(os.environ.get(SLEEP_SECONDS_ENV) or 10))
 
     def manifest_entries(self, directory: Path) -> dict[str, dict[str, Any]]:
         return {str(p.relative_to(directory)): e for p, e in self.entries.items()}

@@ -115,7 +115,7 @@ class CheckpointManager:
         self.wait(waiting_for=tag)
         partial = self.root / f"{PARTIAL}{tag}"
         group = self._checkpoint_group()
-        writer = FileWriter(defer=self.cfg.async_, pool=self._pool)
+        writer = FileWriter(defer=self.cfg.async_, pool=self._pool, step=step)
 
         def start() -> None:
             if self.env.is_main:
