@@ -107,24 +107,24 @@ class HostPool:
 
 
 def snapshot(obj: Any, pool: HostPool) -> Any:
-    """A copy of ``obj`` whose tensors live in host memory from ``pool``, sharing storage as
-    the originals did (torch.save then writes the same bytes it would have)."""
-    copies: dict[tuple[int, str], torch.Tensor] = {}
+    """A copy of ``obj`` whose tensors live in host memory from ``pool``: each tensor copied
+    compactly (a view of a larger flat buffer becomes a tensor of its own, as DeepSpeed's
+    ``clone_tensors_for_torch_save`` makes it for torch.save), the same tensor met twice copied
+    once."""
+    copies: dict[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
     on_gpu = False
 
     def tensor(t: torch.Tensor) -> torch.Tensor:
         nonlocal on_gpu
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), str(t.device))
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         host = copies.get(key)
         if host is None:
-            src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage)
-            host = pool.take(storage.nbytes(), pinned=t.is_cuda)
-            host.copy_(src, non_blocking=t.is_cuda)
+            buf = pool.take(t.numel() * t.element_size(), pinned=t.is_cuda)
+            host = buf.view(t.dtype).view(t.shape)
+            host.copy_(t, non_blocking=t.is_cuda)
             on_gpu = on_gpu or t.is_cuda
             copies[key] = host
-        out = torch.empty(0, dtype=t.dtype)
-        return out.set_(host.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+        return host
 
     def walk(x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -155,6 +155,11 @@ class FileWriter(TorchCheckpointEngine):
         self.pending: list[tuple[Path, Any]] = []
         self.entries: dict[Path, dict[str, Any]] = {}
         pool.begin()
+
+    def preserves_storage_sharing(self) -> bool:
+        # Asked by DeepSpeed whether to clone the module's tensors (views of flat buffers)
+        # before saving: a snapshot copies them compactly already, so a second copy is waste.
+        return not self.defer
 
     def save(self, state_dict: Any, path: str | Path) -> None:
         if self.defer:

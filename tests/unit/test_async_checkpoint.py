@@ -23,21 +23,24 @@ def test_hash_while_writing_equals_the_files_sha256(tmp_path: Path) -> None:
     assert torch.equal(loaded["w"], state["w"]) and loaded["step"] == 3
 
 
-def test_snapshot_is_a_copy_that_keeps_storage_sharing() -> None:
+def test_snapshot_is_a_compact_copy_training_cannot_change() -> None:
     flat = torch.arange(12.0)
-    state = {"a": flat[:4], "b": flat[4:], "meta": {"lr": 0.1}}
+    state = {"a": flat[:4], "b": flat[4:].view(2, 4), "again": flat[:4], "meta": {"lr": 0.1}}
     pool = HostPool()
     pool.begin()
     copy = snapshot(state, pool)
     flat.add_(100)  # training goes on and changes the live tensors in place
     assert torch.equal(copy["a"], torch.arange(4.0))
-    assert torch.equal(copy["b"], torch.arange(4.0, 12.0))
-    assert copy["a"].untyped_storage().data_ptr() == copy["b"].untyped_storage().data_ptr()
+    assert torch.equal(copy["b"], torch.arange(4.0, 12.0).view(2, 4))
+    assert copy["again"] is copy["a"]  # one tensor met twice is copied once
+    # Views are copied compactly, like DeepSpeed's clone before torch.save: no flat buffer.
+    assert copy["a"].untyped_storage().nbytes() == 4 * 4
     assert pool.nbytes == flat.untyped_storage().nbytes()
-    # The next save reuses the buffer instead of allocating another.
+    # The next save reuses the buffers instead of allocating others.
+    buffers = pool.nbytes
     pool.begin()
     again = snapshot(state, pool)
-    assert pool.nbytes == flat.untyped_storage().nbytes()
+    assert pool.nbytes == buffers
     assert torch.equal(again["a"], torch.arange(100.0, 104.0))
 
 
