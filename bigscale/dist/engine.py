@@ -292,8 +292,10 @@ class Engine:
     def weights_finite(self) -> bool:
         """Collective: True when no rank holds a NaN or infinite weight (under ZeRO-3, in its
         own partition)."""
-        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.module.parameters()]
-        bad = torch.tensor([0.0 if not flags else float(~torch.stack(flags).all())])
+        # One read of each weight, no temporary the size of the model (isfinite's mask): a NaN
+        # or inf propagates into the fp32 sum; finite weights overflow it only past 3e38.
+        sums = [getattr(p, "ds_tensor", p).sum(dtype=torch.float32) for p in self.module.parameters()]
+        bad = torch.tensor([0.0 if not sums else float(~torch.stack(sums).isfinite().all())])
         if torch.distributed.is_initialized():
             bad = bad.to(self.device)
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
