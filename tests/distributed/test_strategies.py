@@ -57,6 +57,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
                 f"run_dir={run_dir}",
                 *ARGS,
                 *EXTRA.get(strategy, []),
+                # One reference run saves synchronously: the runs that save in the background
+                # (the default) and are killed or stopped must still match it bitwise.
+                *(["checkpoint.async=false"] if strategy == "ddp" else []),
             ],
             cwd=work,
             home=bigscale_home,
