@@ -104,6 +104,8 @@ class CheckpointManager:
                 self.wait()  # this step's checkpoint may still be in the background
             return False
         tag = tag_for(step)
+        # The previous save first: it completes (or fails) before this one is judged or begun.
+        self.wait(waiting_for=tag)
         if not sharded.weights_finite():
             latest = self.root / LATEST
             last = latest.read_text().strip() if latest.is_file() else "none yet"
@@ -112,7 +114,6 @@ class CheckpointManager:
                 f"was not written and the last complete one ({last}) is intact. Resume from it "
                 "with a lower optim.lr, or check the model's initial weights"
             )
-        self.wait(waiting_for=tag)
         partial = self.root / f"{PARTIAL}{tag}"
         group = self._checkpoint_group()
         writer = FileWriter(defer=self.cfg.async_, pool=self._pool, step=step)
