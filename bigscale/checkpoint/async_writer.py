@@ -23,8 +23,8 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 _PARALLEL_HASH_BYTES = 1 << 20
-"""Writes at least this large are hashed on a second thread while the file write runs (both
-release the GIL), so hashing adds little to a save's time when a core is free."""
+"""Writes are cut into chunks of this size, each hashed on a second thread while the file write
+runs (both release the GIL), so hashing adds little to a save's time when a core is free."""
 
 SLEEP_STEP_ENV, SLEEP_SECONDS_ENV = (
     "BIGSCALE_FAULT_CKPT_SLEEP_STEP",
@@ -47,13 +47,17 @@ class HashingFile:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if view.nbytes >= _PARALLEL_HASH_BYTES:
-            hashing = _hasher.submit(self._sha.update, view)
-            self._f.write(view)
-            hashing.result()
-        else:
-            self._sha.update(view)
-            self._f.write(view)
+        # Chunk by chunk, each hashed while it is written: both passes read it while it is
+        # still in the cache, instead of competing for memory bandwidth over the whole record.
+        for start in range(0, view.nbytes, _PARALLEL_HASH_BYTES):
+            chunk = view[start : start + _PARALLEL_HASH_BYTES]
+            if chunk.nbytes == _PARALLEL_HASH_BYTES:
+                hashing = _hasher.submit(self._sha.update, chunk)
+                self._f.write(chunk)
+                hashing.result()
+            else:
+                self._sha.update(chunk)
+                self._f.write(chunk)
         self.size += view.nbytes
         return view.nbytes
 
