@@ -75,14 +75,20 @@ def torchrun(
     )
 
 
-def start(args: list[str], cwd: Path, home: Path, capture: bool = False) -> subprocess.Popen:
+def start(
+    args: list[str],
+    cwd: Path,
+    home: Path,
+    capture: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """``bigscale`` in the background, for a test to interrupt mid-run; with ``capture`` its
     output is kept (read it with ``communicate()``)."""
     out = subprocess.PIPE if capture else subprocess.DEVNULL
     return subprocess.Popen(
         [sys.executable, "-m", "bigscale.cli", *args],
         cwd=cwd,
-        env=env_for(home),
+        env={**env_for(home), **(extra_env or {})},
         stdout=out,
         stderr=out,
         text=capture,
@@ -99,15 +105,39 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str) -> None
         time.sleep(0.02)
 
 
-def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str) -> None:
-    wait_for_checkpoint(proc, run_dir, tag)
-    time.sleep(0.3)  # into the next steps (or the next save): any moment must be survivable
+def slow_checkpoint(step: int, seconds: float = 10) -> dict[str, str]:
+    """The environment that makes step ``step``'s background checkpoint write wait
+    ``seconds`` before its commit (bigscale/checkpoint/async_writer.py)."""
+    return {
+        "BIGSCALE_FAULT_CKPT_SLEEP_STEP": str(step),
+        "BIGSCALE_FAULT_CKPT_SLEEP_SECONDS": str(seconds),
+    }
+
+
+def wait_for_background_write(proc: subprocess.Popen, run_dir: Path, tag: str) -> None:
+    """Until ``tag`` is being written (its partial directory exists) but is not complete."""
+    partial = run_dir / "checkpoints" / f".partial-{tag}"
+    deadline = time.monotonic() + 300
+    while not partial.is_dir():
+        assert proc.poll() is None, f"the run ended before writing {tag}"
+        assert time.monotonic() < deadline, f"no {tag} being written after 300 s"
+        time.sleep(0.02)
+    assert not (run_dir / "checkpoints" / tag).exists(), f"{tag} completed already"
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
     # torchrun starts each rank in a session of its own, so kill the whole tree explicitly.
     tree = psutil.Process(proc.pid)
     for p in [tree, *tree.children(recursive=True)]:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
     proc.wait()
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, tag: str) -> None:
+    wait_for_checkpoint(proc, run_dir, tag)
+    time.sleep(0.3)  # into the next steps (or the next save): any moment must be survivable
+    kill_tree(proc)
 
 
 def metrics(run_dir: Path) -> list[dict]:

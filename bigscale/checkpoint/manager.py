@@ -5,7 +5,11 @@ to resume from.
 A checkpoint is written under ``.partial-<tag>``; every rank writes its DeepSpeed shards and its
 own training state; the files are checksummed (split across ranks); rank 0 writes
 ``manifest.json`` last and renames the directory to ``<tag>``; only then does ``latest`` move.
-A job killed at any moment leaves either the previous complete checkpoint or the new one."""
+A job killed at any moment leaves either the previous complete checkpoint or the new one.
+
+With ``checkpoint.async`` the training loop waits only while the state is copied to host
+memory; writing, hashing and the commit (agreed on a gloo group of its own) run in a thread.
+The sha256 of a file bigscale writes comes from the bytes as they are written."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from bigscale.checkpoint.async_writer import Background, FileWriter, HostPool
 from bigscale.checkpoint.select import (
     LATEST,
     MANIFEST,
@@ -63,6 +68,9 @@ class CheckpointManager:
         self.root, self.cfg, self.env = Path(root), cfg, env
         self._last_save = time.monotonic()
         self._last_saved_step = -1
+        self._inflight: Background | None = None
+        self._pool = HostPool()
+        self._group: Any = None
 
     # -- saving ---------------------------------------------------------------------------
 
@@ -83,13 +91,21 @@ class CheckpointManager:
         meta: Callable[[], dict[str, Any]],
         extra_files: Callable[[Path], None] | None = None,
         force: bool = False,
+        wait: bool | None = None,
     ) -> bool:
         """Write a checkpoint for ``step`` if it is due (or ``force``); True if one was written.
 
-        ``meta`` is called only when one is written: the trainer asks after every step."""
+        ``meta`` is called only when one is written: the trainer asks after every step. With
+        ``checkpoint.async`` the files are written and committed in the background; ``wait``
+        (default: ``force``, i.e. the final and a stop signal's save) returns only once the
+        checkpoint is complete."""
         if step == self._last_saved_step or not (force or self.due(step)):
+            if force if wait is None else wait:
+                self.wait()  # this step's checkpoint may still be in the background
             return False
         tag = tag_for(step)
+        # The previous save first: it completes (or fails) before this one is judged or begun.
+        self.wait(waiting_for=tag)
         if not sharded.weights_finite():
             latest = self.root / LATEST
             last = latest.read_text().strip() if latest.is_file() else "none yet"
@@ -99,6 +115,8 @@ class CheckpointManager:
                 "with a lower optim.lr, or check the model's initial weights"
             )
         partial = self.root / f"{PARTIAL}{tag}"
+        group = self._checkpoint_group()
+        writer = FileWriter(defer=self.cfg.async_, pool=self._pool, step=step)
 
         def start() -> None:
             if self.env.is_main:
@@ -107,14 +125,14 @@ class CheckpointManager:
 
         def write_shards() -> None:
             try:
-                sharded.save_checkpoint(self.root, partial.name)
+                sharded.save_checkpoint(self.root, partial.name, writer)
             except (OSError, RuntimeError):
                 # DeepSpeed's save ends in a barrier the ranks that wrote their part wait in;
                 # meet them there, so the agreement below pairs with theirs.
                 _barrier()
                 raise
             # Plain containers only, so loading can insist on weights_only=True.
-            torch.save(state.state_dict(), partial / f"train_state_rank{self.env.rank:05d}.pt")
+            writer.save(state.state_dict(), partial / f"train_state_rank{self.env.rank:05d}.pt")
             if self.env.is_main:
                 (partial / META).write_text(
                     json.dumps({**meta(), "world_size": self.env.world_size})
@@ -124,29 +142,65 @@ class CheckpointManager:
 
         self._agree(tag, partial, start)
         self._agree(tag, partial, write_shards)
-        manifest = self._checksums(partial)
-        final = self.root / tag
-
-        def commit() -> None:
-            if not self.env.is_main:
-                return
-            (partial / MANIFEST).write_text(json.dumps({"tag": tag, "files": manifest}, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            try:
-                _write_atomic(self.root / LATEST, tag)
-            except BaseException:
-                shutil.rmtree(final, ignore_errors=True)  # complete only once latest names it
-                raise
-            self._rotate()
-            log.info("checkpoint %s written (%d files)", final, len(manifest))
-
-        self._agree(tag, partial, commit)
         self._last_save = time.monotonic()
         self._last_saved_step = step
+
+        def finish(group: Any = None) -> None:
+            self._agree(tag, partial, writer.write_all, group)
+            manifest = self._checksums(partial, writer.manifest_entries(partial), group)
+            self._agree(tag, partial, lambda: self._commit(tag, partial, manifest), group)
+
+        if not self.cfg.async_:
+            finish()
+            return True
+        # The background thread's collectives run on their own (gloo) group, never on the one
+        # the training loop's collectives use at the same time.
+        self._inflight = Background(tag, lambda: finish(group))
+        if wait is None:
+            wait = force
+        if wait:
+            self.wait()
         return True
 
-    def _agree(self, tag: str, partial: Path, phase: Callable[[], None]) -> None:
+    def wait(self, waiting_for: str | None = None) -> None:
+        """Block until the background save in flight (if any) is complete; raise its error."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        if waiting_for is not None and not inflight.done():
+            log.info(
+                "checkpoint %s waits for the background write of %s to finish (at most one "
+                "save is in flight; save less often if this repeats)",
+                waiting_for,
+                inflight.tag,
+            )
+        inflight.join()
+        if inflight.error is not None:
+            raise inflight.error
+
+    def _checkpoint_group(self) -> Any:
+        """A gloo group for the background writer's agreement, made once, on every rank (making
+        it is collective: the first save is reached by all ranks together)."""
+        if self.cfg.async_ and self._group is None and _distributed():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def _commit(self, tag: str, partial: Path, manifest: dict[str, dict[str, Any]]) -> None:
+        if not self.env.is_main:
+            return
+        final = self.root / tag
+        (partial / MANIFEST).write_text(json.dumps({"tag": tag, "files": manifest}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        try:
+            _write_atomic(self.root / LATEST, tag)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)  # complete only once latest names it
+            raise
+        self._rotate()
+        log.info("checkpoint %s written (%d files)", final, len(manifest))
+
+    def _agree(self, tag: str, partial: Path, phase: Callable[[], None], group: Any = None) -> None:
         """Run one phase of a save on every rank, then agree on its outcome (this stands in for
         a barrier): a rank that could not write (a full disk, a read-only directory) makes
         every rank stop with the same message, the partial directory removed and the last
@@ -159,7 +213,7 @@ class CheckpointManager:
             failure = exc
             storage = storage_failure(exc, self.root)
             mine = (storage, True) if storage else (f"rank {self.env.rank}: {exc!r}", False)
-        found = [m for m in _all_gather(mine) if m]
+        found = [m for m in _all_gather(mine, group) if m]
         if not found:
             return
         if self.env.is_main:
@@ -180,15 +234,25 @@ class CheckpointManager:
             raise RuntimeError(message) from failure
         raise CheckpointError(message) from None
 
-    def _checksums(self, directory: Path) -> dict[str, dict[str, Any]]:
-        """Size and sha256 of every file, the hashing split across ranks."""
-        files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-        mine = {
-            name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
-            for name in files[self.env.rank :: self.env.world_size]
-        }
+    def _checksums(
+        self, directory: Path, written: dict[str, dict[str, Any]], group: Any = None
+    ) -> dict[str, dict[str, Any]]:
+        """Size and sha256 of every file: those bigscale wrote were hashed as they were
+        written; the few small ones other libraries wrote (the Hugging Face config and
+        tokenizer, DeepSpeed's recovery script) are read back, split across ranks."""
+        files = sorted(
+            str(p.relative_to(directory))
+            for p in directory.rglob("*")
+            if p.is_file() and str(p.relative_to(directory)) not in written
+        )
+        mine = dict(written)
+        for name in files[self.env.rank :: self.env.world_size]:
+            mine[name] = {
+                "size": (directory / name).stat().st_size,
+                "sha256": _sha256(directory / name),
+            }
         merged: dict[str, dict[str, Any]] = {}
-        for part in _all_gather(mine):
+        for part in _all_gather(mine, group):
             merged.update(part)
         return dict(sorted(merged.items()))
 
@@ -275,9 +339,9 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
-def _all_gather(value: Any) -> list[Any]:
+def _all_gather(value: Any, group: Any = None) -> list[Any]:
     if not _distributed():
         return [value]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    dist.all_gather_object(out, value, group=group)
     return out

@@ -82,13 +82,30 @@ def compose_raw(overrides: list[str], conf_dir: Path | None = None) -> DictConfi
         )
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=with_default_experiment(overrides))
+            cfg = compose(
+                config_name="train", overrides=with_default_experiment(keyword_keys(overrides))
+            )
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise ConfigError(_explain(exc)) from None
     finally:
         GlobalHydra.instance().clear()
     _remember_env_values(cfg)
     return cfg
+
+
+KEYWORD_KEYS = {"checkpoint.async": "checkpoint.async_"}
+"""Keys users type whose last part is a Python keyword, and the schema field behind each."""
+
+
+def keyword_keys(overrides: list[str]) -> list[str]:
+    """``checkpoint.async=false`` as the schema spells it (``checkpoint.async_``)."""
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        prefix = key[: len(key) - len(key.lstrip("+~"))]
+        name = KEYWORD_KEYS.get(key[len(prefix) :])
+        out.append(f"{prefix}{name}{sep}{value}" if name and sep else item)
+    return out
 
 
 def _remember_env_values(cfg: DictConfig) -> None:

@@ -513,6 +513,12 @@ class CheckpointConfig:
     """Check every file's checksum before resuming, not only its size."""
     allow_config_change: bool = False
     """Resume even when the model, data or batch settings differ from the checkpoint's."""
+    async_: bool = True
+    """Typed as ``checkpoint.async`` (``async`` is a Python keyword, so the field is ``async_``):
+    training stalls only while the state is copied to host memory; the files are written,
+    hashed and committed in the background. At most one save is in flight; the final save and
+    a stop signal's save wait for theirs to be complete. Costs host memory for one copy of each
+    rank's checkpoint shards (``bigscale plan`` counts it)."""
 
 
 @dataclass

@@ -301,8 +301,10 @@ class Engine:
     def weights_finite(self) -> bool:
         """Collective: True when no rank holds a NaN or infinite weight (under ZeRO-3, in its
         own partition)."""
-        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in self.module.parameters()]
-        bad = torch.tensor([0.0 if not flags else float(~torch.stack(flags).all())])
+        # One read of each weight, no temporary the size of the model (isfinite's mask): a NaN
+        # or inf propagates into the fp32 sum; finite weights overflow it only past 3e38.
+        sums = [getattr(p, "ds_tensor", p).sum(dtype=torch.float32) for p in self.module.parameters()]
+        bad = torch.tensor([0.0 if not sums else float(~torch.stack(sums).isfinite().all())])
         if torch.distributed.is_initialized():
             bad = bad.to(self.device)
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
@@ -325,12 +327,23 @@ class Engine:
             norm = self._manual_grad_norm
         return None if norm is None else float(norm)
 
-    def save_checkpoint(self, directory: Path, tag: str) -> None:
+    def save_checkpoint(self, directory: Path, tag: str, writer: Any = None) -> None:
         """DeepSpeed's sharded model + optimizer + lr-schedule state (collective: every rank
-        writes its part). ``latest`` is bigscale's to move, after the checkpoint is complete."""
-        self._engine.save_checkpoint(
-            str(directory), tag=tag, save_latest=False, exclude_frozen_parameters=self.has_frozen
-        )
+        writes its part). ``latest`` is bigscale's to move, after the checkpoint is complete.
+        ``writer`` (a DeepSpeed checkpoint engine) receives every file DeepSpeed saves: bigscale
+        hashes them as they are written, or snapshots them for a background write."""
+        own = self._engine.checkpoint_engine
+        if writer is not None:
+            self._engine.checkpoint_engine = writer
+        try:
+            self._engine.save_checkpoint(
+                str(directory),
+                tag=tag,
+                save_latest=False,
+                exclude_frozen_parameters=self.has_frozen,
+            )
+        finally:
+            self._engine.checkpoint_engine = own
 
     def load_checkpoint(self, directory: Path, tag: str) -> None:
         """Restore model, optimizer and lr schedule, on this world size whatever the one that

@@ -23,6 +23,7 @@ from bigscale.launch.memory import (
     MemoryEstimate,
     ModelShape,
     Workload,
+    checkpoint_snapshot_gib,
     estimate,
     finetuned,
     model_shape,
@@ -272,10 +273,23 @@ def render(plan: Plan, with_memory: bool = True) -> str:
                 + _split_note(c.strategy)
                 + ")"
             )
+            lines.append(_checkpoint_line(plan))
         else:
             lines.append(f"memory/GPU      {mem}")
     lines.append(f"command         {redact_text(shlex.join(plan.command()))}")
     return "\n".join(lines)
+
+
+def _checkpoint_line(plan: Plan) -> str:
+    c, m = plan.cfg, plan.cfg.model
+    if not c.checkpoint.async_:
+        return "checkpoint      synchronous (checkpoint.async=false): training waits for each save"
+    shape = finetuned(model_shape(m.name_or_path, m.revision, m.trust_remote_code), c.finetune)
+    gib = checkpoint_snapshot_gib(shape, c.strategy, plan.precision, plan.world_size)
+    return (
+        f"checkpoint      asynchronous: {gib:.2f} GiB of host memory per rank (at most) for the "
+        "snapshot written in the background (checkpoint.async=false to save synchronously)"
+    )
 
 
 def objective_lines(c: TrainConfig, data: DataStats | None) -> list[str]:

@@ -21,10 +21,12 @@ from tests.cli import (
     QUICK,
     bigscale,
     explain,
-    kill_after_checkpoint,
+    kill_tree,
     rank_process,
+    slow_checkpoint,
     start,
     train_rows,
+    wait_for_background_write,
     wait_for_checkpoint,
 )
 
@@ -55,6 +57,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
                 f"run_dir={run_dir}",
                 *ARGS,
                 *EXTRA.get(strategy, []),
+                # One reference run saves synchronously: the runs that save in the background
+                # (the default) and are killed or stopped must still match it bitwise.
+                *(["checkpoint.async=false"] if strategy == "ddp" else []),
             ],
             cwd=work,
             home=bigscale_home,
@@ -155,9 +160,11 @@ def test_keep_last_rotation(runs: dict[str, Path]) -> None:
 def test_killed_and_resumed_run_matches_uninterrupted_run(
     runs: dict[str, Path], strategy: str, tmp_path: Path, bigscale_home: Path
 ) -> None:
-    """SIGKILL the whole job after the step-8 checkpoint, run the same command again: every
-    logged step (loss, grad norm, lr) and the final weights equal the uninterrupted run's,
-    bitwise, with gradient accumulation, dropout and a mid-epoch data position."""
+    """SIGKILL the whole job while the step-16 checkpoint is written in the background (the
+    default, checkpoint.async=true), run the same command again: it resumes from step 8, the
+    newest complete checkpoint, and every logged step (loss, grad norm, lr) and the final
+    weights equal the uninterrupted run's, bitwise, with gradient accumulation, dropout and a
+    mid-epoch data position."""
     run_dir = tmp_path / strategy
     args = [
         "train",
@@ -167,11 +174,15 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(
         *ARGS,
         *EXTRA.get(strategy, []),
     ]
-    kill_after_checkpoint(start(args, tmp_path, bigscale_home), run_dir, "step_00000008")
+    running = start(args, tmp_path, bigscale_home, extra_env=slow_checkpoint(16, 60))
+    wait_for_checkpoint(running, run_dir, "step_00000008")
+    wait_for_background_write(running, run_dir, "step_00000016")
+    kill_tree(running)
     assert not (run_dir / "export").exists()
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     proc = bigscale(args, tmp_path, bigscale_home)
     assert proc.returncode == 0, explain(proc)
-    assert re.search(r"resumed from .*step_000000(08|16) at step (8|16)", proc.stderr), proc.stderr
+    assert re.search(r"resumed from \S*step_00000008 at step 8", proc.stderr), proc.stderr
 
     def fields(rows: list[dict]) -> list[tuple]:
         return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rows]
@@ -190,14 +201,15 @@ def _fields(rows: list[dict]) -> list[tuple]:
 def test_stop_signal_checkpoints_and_resumes_exactly(
     runs: dict[str, Path], tmp_path: Path, bigscale_home: Path
 ) -> None:
-    """SIGUSR1 (Slurm's warning before the time limit) to rank 1 alone, mid-interval: both ranks
-    finish the step, checkpoint it, and end cleanly; the same command then resumes from that
-    step and reproduces the uninterrupted run."""
+    """SIGUSR1 (Slurm's warning before the time limit) to rank 1 alone, mid-interval, while the
+    step-8 checkpoint is still written in the background: both ranks finish the step, wait for
+    step 8's write, checkpoint the signalled step completely, and end cleanly; the same command
+    then resumes from that step and reproduces the uninterrupted run."""
     run_dir = tmp_path / "stopped"
     args = ["train", "strategy=zero2", "launcher.nproc_per_node=2", f"run_dir={run_dir}", *ARGS]
-    proc = start(args, tmp_path, bigscale_home, capture=True)
+    proc = start(args, tmp_path, bigscale_home, capture=True, extra_env=slow_checkpoint(8))
     rank1 = rank_process(psutil.Process(proc.pid), 1)
-    wait_for_checkpoint(proc, run_dir, "step_00000008")
+    wait_for_background_write(proc, run_dir, "step_00000008")
     rank1.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-6000:]
@@ -207,6 +219,11 @@ def test_stop_signal_checkpoints_and_resumes_exactly(
     log = (run_dir / "train.log").read_text()
     assert f"stopped at step {stopped_at} on a stop signal on another rank" in log, log
     assert "checkpoint saved; not a Slurm job" in log
+    assert (
+        f"checkpoint step_{stopped_at:08d} waits for the background write of step_00000008" in log
+    )
+    assert (run_dir / "checkpoints" / "step_00000008" / "manifest.json").is_file()
+    assert not list((run_dir / "checkpoints").glob(".partial-*"))
     assert not (run_dir / "export").exists()
     assert "report: " in log and (run_dir / "report.html").is_file()  # the stop writes it too
 

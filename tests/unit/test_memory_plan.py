@@ -211,3 +211,22 @@ def test_lora_plans_and_auto_price_only_the_adapters(
     _, auto = auto_strategy.choose(cfg, finetuned(shape, cfg.finetune), Precision.bf16, 8, 80.0)
     same = auto[cfg.strategy.name]  # the plan's own strategy, priced by strategy=auto
     assert same.total_gib == pytest.approx(mems["lora"].total_gib)
+
+
+def test_plan_counts_the_async_checkpoint_snapshot_in_host_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snapshot is what a rank saves: with ZeRO-2 over 8 bf16 ranks, the whole bf16 weights
+    (rank 0 saves them) plus 1/8 of the fp32 master copy and Adam's two moments."""
+    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    llama_config().save_pretrained(tmp_path / "llama")
+    model = [f"model.name_or_path={tmp_path / 'llama'}", "model.create_if_missing=null"]
+    gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
+    args = [*model, "strategy=zero2"]
+    plan = make_plan(compose_config(args), args, hw=gpus)
+    params = memory_estimate(plan)[0].params  # type: ignore[index]
+    gib = (params * 2 + params * 12 / 8) / 2**30
+    assert f"checkpoint      asynchronous: {gib:.2f} GiB of host memory per rank" in render(plan)
+    off = [*args, "checkpoint.async=false"]
+    assert "checkpoint      synchronous" in render(make_plan(compose_config(off), off, hw=gpus))
