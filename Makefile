@@ -23,8 +23,12 @@ install: $(STAMP)
 train: $(STAMP)  ## the default job: SmolLM2-135M-Instruct learns to write dates as YYYY-MM-DD, 2 ranks
 	$(BIN)/bigscale train $(ARGS)
 
+# Two pytest workers, each taking whole test files (their module fixtures share one trained run):
+# most of a multi-process test is process start-up, polling and waiting on signals, so one
+# worker leaves a 2-core machine half idle. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)  ## the whole suite (unit, distributed, end to end)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -284,7 +284,7 @@ def _checkpoint_line(plan: Plan) -> str:
     c, m = plan.cfg, plan.cfg.model
     if not c.checkpoint.async_:
         return "checkpoint      synchronous (checkpoint.async=false): training waits for each save"
-    shape = finetuned(model_shape(m.name_or_path, m.revision, m.trust_remote_code), c.finetune)
+    shape = finetuned(model_shape(model_dir(m), m.revision, m.trust_remote_code), c.finetune)
     gib = checkpoint_snapshot_gib(shape, c.strategy, plan.precision, plan.world_size)
     return (
         f"checkpoint      asynchronous: {gib:.2f} GiB of host memory per rank (at most) for the "

@@ -223,7 +223,7 @@ def test_plan_counts_the_async_checkpoint_snapshot_in_host_memory(
     llama_config().save_pretrained(tmp_path / "llama")
     model = [f"model.name_or_path={tmp_path / 'llama'}", "model.create_if_missing=null"]
     gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
-    args = [*model, "strategy=zero2"]
+    args = [*model, "data=arithmetic", "strategy=zero2"]
     plan = make_plan(compose_config(args), args, hw=gpus)
     params = memory_estimate(plan)[0].params  # type: ignore[index]
     gib = (params * 2 + params * 12 / 8) / 2**30
