@@ -186,6 +186,12 @@ def log_to_run(run_dir: Path, step: int | None, scores: dict[str, float]) -> Non
         board = TensorBoardSink(run_dir / TENSORBOARD_DIR)
         board.log(row)
         board.close()
+    if cfg is not None and cfg.logger.mlflow:
+        from bigscale.metrics.mlflow_sink import MlflowSink
+
+        tracker = MlflowSink(cfg.logger, run_dir, to_plain_dict(cfg))
+        tracker.log(row)
+        tracker.close()
     if cfg is None or cfg.logger.mode == LoggerMode.disabled:
         return
     wandb = WandbSink(cfg.logger, run_dir, to_plain_dict(cfg))

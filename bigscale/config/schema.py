@@ -434,6 +434,16 @@ class LoggerConfig:
     """Also write TensorBoard event files to ``<run_dir>/tensorboard``, beside W&B and
     metrics.jsonl (view: ``tensorboard --logdir <run_dir>/tensorboard``). Needs the
     ``bigscale[tensorboard]`` extra."""
+    mlflow: bool = False
+    """Also log to MLflow, beside W&B and metrics.jsonl: one MLflow run per bigscale run, which
+    a resumed run continues (its id is kept in ``<run_dir>/mlflow_run_id``). Needs the
+    ``bigscale[mlflow]`` extra."""
+    mlflow_tracking_uri: str | None = None
+    """Where MLflow logs: a server (``http://host:5000``), ``sqlite:///path.db`` or a ``file:``
+    store; null: ``sqlite:///<run_dir>/mlflow.db`` (view: ``mlflow ui --backend-store-uri
+    sqlite:///<run_dir>/mlflow.db``)."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment the run goes into (created if missing); null: ``logger.project``."""
 
 
 @dataclass
