@@ -56,7 +56,7 @@ def main(args: list[str]) -> int:
     from bigscale.target import check_dtype, resolve
 
     check_dtype(ns.dtype)
-    task_manager = _task_manager(ns.include_path, tasks)
+    manager = task_manager(ns.include_path, tasks)
     with resolve(Path(ns.target)) as target:
         model_args = {"pretrained": str(target.model_dir), "dtype": ns.dtype}
         if target.adapter_base is not None:
@@ -65,7 +65,7 @@ def main(args: list[str]) -> int:
                 peft=str(target.model_dir),
                 tokenizer=str(target.model_dir),  # the run's tokenizer, template included
             )
-        results = _evaluate(ns, tasks, task_manager, model_args)
+        results = _evaluate(ns, tasks, manager, model_args)
     scores = flat_scores(results["results"])
     out_dir = ns.out or (target.run_dir / "eval" if target.run_dir else Path(ns.target) / "eval")
     path = write_results(out_dir, results, target.step, str(ns.target))
@@ -76,7 +76,7 @@ def main(args: list[str]) -> int:
     return 0
 
 
-def _task_manager(include_path: list[str], tasks: list[str]) -> Any:
+def task_manager(include_path: list[str], tasks: list[str]) -> Any:
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
@@ -186,6 +186,12 @@ def log_to_run(run_dir: Path, step: int | None, scores: dict[str, float]) -> Non
         board = TensorBoardSink(run_dir / TENSORBOARD_DIR)
         board.log(row)
         board.close()
+    if cfg is not None and cfg.logger.mlflow:
+        from bigscale.metrics.mlflow_sink import MlflowSink
+
+        tracker = MlflowSink(cfg.logger, run_dir, to_plain_dict(cfg))
+        tracker.log(row)
+        tracker.close()
     if cfg is None or cfg.logger.mode == LoggerMode.disabled:
         return
     wandb = WandbSink(cfg.logger, run_dir, to_plain_dict(cfg))

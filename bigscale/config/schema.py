@@ -377,10 +377,27 @@ class StopMode(str, Enum):
 
 
 @dataclass
+class HarnessConfig:
+    tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on rank 0 at every ``trainer.eval_every`` on the live
+    model (a LoRA adapter applied), logged as ``harness/<task>/<metric>``, which early stopping
+    may watch; empty: off. Needs the ``bigscale[eval]`` extra; not with ZeRO-3."""
+    include_path: list[str] = field(default_factory=list)
+    """Folders of task YAMLs (local tasks, offline), as ``bigscale eval --include-path``."""
+    limit: int | None = None
+    """Examples per task; null: all."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt; null: each task's default."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+
+
+@dataclass
 class EarlyStoppingConfig:
     metric: str | None = None
     """Metric watched at every ``trainer.eval_every``: eval_loss, eval_ppl, exact_match (needs
-    ``eval.during_training``) or a key of ``eval.metric_fn``'s result; null: off."""
+    ``eval.during_training``), a key of ``eval.metric_fn``'s result, or a harness score
+    ``harness/<task>/<metric>`` of one of ``eval.harness.tasks``; null: off."""
     mode: StopMode = StopMode.auto
     """Whether lower (min) or higher (max) is better."""
     patience: int = 3
@@ -412,6 +429,8 @@ class EvalConfig:
     of strings, returning a float (logged under the function's name) or a dict of floats;
     importable from the installed packages or the working directory."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """lm-evaluation-harness tasks during training (``bigscale eval`` runs them after)."""
     """End training (normally: final eval, checkpoint, export) once a metric stops improving."""
     sample_prompts: list[str] = field(default_factory=list)
     """Questions the model answers (greedy, as a user turn of the chat template) before and
@@ -434,6 +453,16 @@ class LoggerConfig:
     """Also write TensorBoard event files to ``<run_dir>/tensorboard``, beside W&B and
     metrics.jsonl (view: ``tensorboard --logdir <run_dir>/tensorboard``). Needs the
     ``bigscale[tensorboard]`` extra."""
+    mlflow: bool = False
+    """Also log to MLflow, beside W&B and metrics.jsonl: one MLflow run per bigscale run, which
+    a resumed run continues (its id is kept in ``<run_dir>/mlflow_run_id``). Needs the
+    ``bigscale[mlflow]`` extra."""
+    mlflow_tracking_uri: str | None = None
+    """Where MLflow logs: a server (``http://host:5000``), ``sqlite:///path.db`` or a ``file:``
+    store; null: ``sqlite:///<run_dir>/mlflow.db`` (view: ``mlflow ui --backend-store-uri
+    sqlite:///<run_dir>/mlflow.db``)."""
+    mlflow_experiment: str | None = None
+    """MLflow experiment the run goes into (created if missing); null: ``logger.project``."""
 
 
 @dataclass

@@ -80,6 +80,7 @@ def validate(cfg: TrainConfig, world_size: int, hw: Hardware) -> None:
     _check_finetune(cfg)
     _check_dist(cfg)
     _check_objective(cfg)
+    _check_logger(cfg)
 
 
 def _positive(**values: int) -> None:
@@ -360,3 +361,10 @@ def _check_objective(cfg: TrainConfig) -> None:
     from bigscale.data.preference import check_objective
 
     check_objective(cfg)
+
+
+def _check_logger(cfg: TrainConfig) -> None:
+    # Light module (mlflow itself is not imported): fails in the launcher, before any rank.
+    from bigscale.metrics.mlflow_sink import check_installed
+
+    check_installed(cfg.logger)

@@ -16,6 +16,7 @@ from bigscale.config.schema import LauncherKind, TrainConfig
 from bigscale.data.sources import preflight as check_data_files
 from bigscale.launch.plan import Plan
 from bigscale.launch.slurm import require_sbatch, sbatch_option
+from bigscale.metrics.mlflow_sink import check_reachable as check_mlflow_server
 
 # Filesystems that live on one machine: a run directory there is invisible to the other nodes.
 # Network filesystems (nfs, lustre, gpfs, beegfs, cephfs, fuse mounts, ...) are not listed.
@@ -32,6 +33,8 @@ def check(plan: Plan, submitting: bool) -> list[str]:
             sbatch_option(line)
         if submitting:
             require_sbatch()
+    if submitting:  # one quick request; `plan` may be run where the server is not reachable
+        check_mlflow_server(plan.cfg.logger)
     warnings = []
     topo = plan.topology
     if topo.elastic:

@@ -1,4 +1,5 @@
-"""Where metrics go: ``metrics.jsonl`` in the run directory, W&B, and a console progress bar.
+"""Where metrics go: ``metrics.jsonl`` in the run directory, W&B, TensorBoard, MLflow
+(``mlflow_sink``), and a console progress bar.
 
 Only rank 0 writes; ``MetricsLogger`` fans one row out to every sink so the training loop logs
 each number once."""
@@ -20,6 +21,7 @@ from bigscale.config.redact import redact, redact_text
 from bigscale.config.schema import LoggerConfig, LoggerMode
 from bigscale.errors import ConfigError
 from bigscale.logging import get_logger
+from bigscale.metrics.mlflow_sink import MlflowSink
 
 log = get_logger(__name__)
 
@@ -187,7 +189,7 @@ class MetricsLogger:
         is_main: bool,
         resumed_at: int = 0,
     ):
-        self._sinks: list[JsonlSink | WandbSink | TensorBoardSink] = []
+        self._sinks: list[JsonlSink | WandbSink | TensorBoardSink | MlflowSink] = []
         if not is_main:
             return
         self._sinks.append(JsonlSink(run_dir / "metrics.jsonl", resumed_at))
@@ -195,6 +197,8 @@ class MetricsLogger:
             self._sinks.append(WandbSink(cfg, run_dir, config))
         if cfg.tensorboard:
             self._sinks.append(TensorBoardSink(run_dir / TENSORBOARD_DIR, resumed_at))
+        if cfg.mlflow:
+            self._sinks.append(MlflowSink(cfg, run_dir, config))
 
     def log(self, row: dict[str, Any]) -> None:
         for sink in self._sinks:

@@ -13,6 +13,7 @@ from typing import Any
 from bigscale.config.schema import EarlyStoppingConfig, StopMode, TrainConfig
 from bigscale.errors import ConfigError
 from bigscale.logging import get_logger
+from bigscale.train import harness_eval
 from bigscale.train.metric_fn import load_metric_fn
 
 log = get_logger(__name__)
@@ -48,6 +49,7 @@ def check(cfg: TrainConfig) -> None:
             "file) and leave eval.exact_match unset or true"
         )
     load_metric_fn(e.metric_fn)  # importable here, or the launcher says so before any rank starts
+    harness_eval.check(cfg)
     if e.during_training and every <= 0:
         raise ConfigError(
             "eval.during_training=true needs trainer.eval_every > 0 (how often to evaluate)"
@@ -65,6 +67,8 @@ def check(cfg: TrainConfig) -> None:
     if s.min_delta < 0:
         raise ConfigError(f"eval.early_stopping.min_delta={s.min_delta:g} must be >= 0")
     if s.metric in LOWER_IS_BETTER or s.metric in PAIR_EVAL_METRICS:
+        return
+    if harness_eval.watches_harness(cfg):  # harness/<task>/<metric>, measured on rank 0
         return
     if not e.during_training:
         raise ConfigError(

@@ -36,6 +36,7 @@ from bigscale.train.data_feed import DataFeed
 from bigscale.train.early_stop import EarlyStopper, generation_enabled
 from bigscale.train.faults import Faults
 from bigscale.train.guard import StepGuard
+from bigscale.train.harness_eval import HarnessEval
 from bigscale.train.metric_fn import load_metric_fn
 from bigscale.train.objectives import TRAIN, VALIDATION
 from bigscale.train.preemption import StopSignals, requeue_slurm_job, signal_name
@@ -114,6 +115,7 @@ class Trainer:
         )
         self.task_examples = self._task_examples()
         self.metric_fn = load_metric_fn(cfg.eval.metric_fn)
+        self.harness = HarnessEval(cfg, run_dir, env.is_main)
 
     @property
     def step(self) -> int:
@@ -307,6 +309,9 @@ class Trainer:
         row = self.evaluate()
         if self.cfg.eval.during_training and self.task_examples:
             row.update(self.evaluate_task())
+        if self.harness.enabled:
+            PROGRESS.mark("harness eval")
+            row.update(self.harness.run(self.engine.module, self.tokenizer, self.step))
         self.metrics.log({"step": self.step, **row})
         if not self.early_stop.update(self.step, row):
             return False
