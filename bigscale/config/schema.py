@@ -429,9 +429,9 @@ class EvalConfig:
     of strings, returning a float (logged under the function's name) or a dict of floats;
     importable from the installed packages or the working directory."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """End training (normally: final eval, checkpoint, export) once a metric stops improving."""
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     """lm-evaluation-harness tasks during training (``bigscale eval`` runs them after)."""
-    """End training (normally: final eval, checkpoint, export) once a metric stops improving."""
     sample_prompts: list[str] = field(default_factory=list)
     """Questions the model answers (greedy, as a user turn of the chat template) before and
     after training, printed and logged: does it still answer what it could, beside the task?"""
