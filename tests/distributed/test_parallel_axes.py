@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.cli import bigscale, explain, metrics, train_rows
+from tests.distributed.test_multinode import run_two_nodes
 from tests.e2e.test_bad_input import assert_user_error
 
 pytestmark = pytest.mark.distributed
@@ -53,7 +54,8 @@ ARGS = [
 SP2 = ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=2"]
 TP2 = ["strategy.tensor_parallel_size=2", "launcher.nproc_per_node=2"]
 # 2 replicas x 2 sequence ranks; half the accumulation keeps the global batch at 1 x 8 x 1.
-DP2_SP2 = ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=4", "trainer.grad_accum=4"]
+SPLIT_HALF_ACCUM = ["strategy.sequence_parallel_size=2", "trainer.grad_accum=4"]
+DP2_SP2 = [*SPLIT_HALF_ACCUM, "launcher.nproc_per_node=4"]
 # The held-out generation eval, small: a tensor group generates its prompts together, and under
 # sequence parallelism each rank generates whole sequences of its own.
 GENERATE = ["eval.exact_match=true", "eval.max_examples=8"]
@@ -77,6 +79,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
         # 4 ranks on 2 cores are slow: no checkpoint, evaluation only the final one.
         "dp2sp2": train(work / "dp2sp2", bigscale_home, *DP2_SP2, "checkpoint.every_steps=0"),
     }
+    # The same 4 ranks as 2 "nodes" of 2 on loopback (real torchrun rendezvous): each node's
+    # ranks are one sequence group, the replicas meet across nodes.
+    out["nodes"] = work / "nodes"
+    texts = run_two_nodes(
+        [f"run_dir={out['nodes']}", *ARGS, *SPLIT_HALF_ACCUM, "checkpoint.every_steps=0"],
+        work,
+        bigscale_home,
+    )
+    (out["nodes"] / "nodes-output.txt").write_text("\n".join(texts))
     # The split runs again from their step-2 checkpoints, into new run directories.
     for name, layout in (("sp2", SP2), ("tp2", TP2)):
         step2 = out[name] / "checkpoints" / "step_00000002"
@@ -120,6 +131,17 @@ def test_data_parallel_replicas_of_split_sequences_train_as_one_rank(
     share = [r["real_token_share"] for r in train_rows(runs["dp2sp2"])]
     assert share == pytest.approx([r["real_token_share"] for r in train_rows(runs["one"])])
     assert real_tokens_per_step(runs["dp2sp2"]) == pytest.approx(real_tokens_per_step(runs["one"]))
+
+
+def test_sequence_groups_inside_each_of_two_nodes_train_as_one_node(
+    runs: dict[str, Path],
+) -> None:
+    # Same world, same global ranks, same groups: the same run to the bit, whichever process
+    # hosts a rank; a group spanning the nodes or a node training alone would change it.
+    assert losses(runs["nodes"]) == losses(runs["dp2sp2"])
+    text = (runs["nodes"] / "nodes-output.txt").read_text()
+    assert "2 data-parallel x 2 sequence-parallel = 4 ranks" in text
+    assert "node.sh: node 1 of 2" in text
 
 
 def test_split_weights_train_as_whole_ones(runs: dict[str, Path]) -> None:

@@ -79,6 +79,11 @@ def check(overrides: list[str], world_size: int) -> None:
             ["set one of them to 1"],
         ),
         (["strategy.sequence_parallel_size=0"], 2, ["at least 1"]),
+        (  # 2 nodes of 3 ranks: the group of ranks 2 and 3 would span them
+            ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=3"],
+            6,
+            ["launcher.nproc_per_node=3 on several nodes", "multiple of 2"],
+        ),
         (["objective=dpo", "strategy.sequence_parallel_size=2"], 2, ["objective=dpo"]),
     ],
 )
