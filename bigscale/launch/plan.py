@@ -225,8 +225,8 @@ def _resolve_auto_strategy(
     reason = f"chosen by strategy=auto: {choice.estimate.total_gib:.2f} GiB estimated of {source}"
     if choice.whole is not None:
         reason += (
-            f"; whole sequences of {work.seq_len} tokens need {choice.whole.total_gib:.2f} GiB "
-            f"even under the smallest strategy, so each is split across "
+            f"; whole sequences of {work.seq_len} tokens need at least "
+            f"{choice.whole.total_gib:.2f} GiB, so each is split across "
             f"{choice.sequence_parallel_size} ranks (strategy.sequence_parallel_size="
             f"{choice.sequence_parallel_size}, trainer.grad_accum={chosen['trainer.grad_accum']} "
             "keeps the global batch)"
