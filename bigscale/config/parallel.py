@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bigscale.config.schema import AttnImplementation, TrainConfig
+from bigscale.config.schema import AttnImplementation, LauncherKind, TrainConfig
 from bigscale.errors import ConfigError
 
 
@@ -41,10 +41,31 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
             f"nproc_per_node (x nodes) that is a multiple of {value}, or a {key} dividing "
             f"{world_size}"
         )
+    _check_groups_inside_nodes(cfg, world_size, sp * tp)
     if sp > 1:
         _check_sequence_parallel(cfg, sp)
     if tp > 1:
         _check_tensor_parallel(cfg, tp)
+
+
+def _check_groups_inside_nodes(cfg: TrainConfig, world_size: int, replica: int) -> None:
+    """Groups are consecutive ranks, so they stay inside a node only when the ranks per node are
+    a multiple of the group: an all-to-all or a tensor all-reduce per layer across the network
+    would run at its speed, not the node's."""
+    lc = cfg.launcher
+    key, nproc = "launcher.nproc_per_node", lc.nproc_per_node
+    if lc.kind == LauncherKind.slurm and lc.gpus_per_node > 0:
+        key, nproc = "launcher.gpus_per_node", str(lc.gpus_per_node)  # one rank per GPU
+    if replica == 1 or not nproc.isdigit() or world_size <= int(nproc) or int(nproc) % replica == 0:
+        return
+    s = cfg.strategy
+    raise ConfigError(
+        f"{key}={nproc} ranks per node would split the groups of "
+        f"strategy.sequence_parallel_size={s.sequence_parallel_size} x tensor_parallel_size="
+        f"{s.tensor_parallel_size} ({replica} consecutive ranks) across nodes; use a "
+        f"{key} that is a multiple of {replica}, so each group stays inside "
+        "a node and only the data-parallel reduction crosses the network"
+    )
 
 
 def _check_sequence_parallel(cfg: TrainConfig, sp: int) -> None:

@@ -60,6 +60,10 @@ class ModelShape:
     width, and whether ``all-linear`` takes it (a linear layer other than the LM head)."""
     module_params: tuple[tuple[str, int], ...] = ()
     """Each module's own parameters (not its children's), for ``finetune.modules_to_save``."""
+    heads: int = 0
+    """Attention (query) heads; 0: unknown, and then no sequence parallelism is proposed."""
+    kv_heads: int = 0
+    """Key-value heads (``heads`` without grouped-query attention)."""
 
     @classmethod
     def from_config(cls, config: Any, params: int) -> ModelShape:
@@ -74,6 +78,8 @@ class ModelShape:
             kv_width=kv_heads * head_dim,
             intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
             vocab=config.vocab_size,
+            heads=heads,
+            kv_heads=kv_heads,
         )
 
 

@@ -206,10 +206,31 @@ def _resolve_auto_strategy(
         ) from None
     budget, source = auto_strategy.memory_budget_gib(hw, topology.nproc_per_node)
     precision = resolve_precision(cfg.trainer.precision, hw)
-    name, estimates = auto_strategy.choose(cfg, shape, precision, topology.world_size, budget)
-    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] != "strategy"]
-    overrides = [*kept, f"strategy={name}"]
-    reason = f"chosen by strategy=auto: {estimates[name].total_gib:.2f} GiB estimated of {source}"
+    sizes = [cfg.strategy.sequence_parallel_size]
+    if auto_strategy.may_split_sequences(cfg):
+        sizes = auto_strategy.sequence_parallel_sizes(
+            shape, topology.nproc_per_node, cfg.data.max_length, cfg.data.packing
+        )
+    work = Workload.from_config(cfg)
+    choice = auto_strategy.choose_layout(shape, work, precision, topology.world_size, budget, sizes)
+    chosen = {"strategy": choice.strategy}
+    if choice.sequence_parallel_size != cfg.strategy.sequence_parallel_size:
+        # The ranks of a sequence group share a micro batch: more accumulation keeps the
+        # global batch the user asked for.
+        sp = choice.sequence_parallel_size
+        chosen["strategy.sequence_parallel_size"] = str(sp)
+        chosen["trainer.grad_accum"] = str(cfg.trainer.grad_accum * sp)
+    kept = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] not in chosen]
+    overrides = [*kept, *(f"{key}={value}" for key, value in chosen.items())]
+    reason = f"chosen by strategy=auto: {choice.estimate.total_gib:.2f} GiB estimated of {source}"
+    if choice.whole is not None:
+        reason += (
+            f"; whole sequences of {work.seq_len} tokens need at least "
+            f"{choice.whole.total_gib:.2f} GiB, so each is split across "
+            f"{choice.sequence_parallel_size} ranks (strategy.sequence_parallel_size="
+            f"{choice.sequence_parallel_size}, trainer.grad_accum={chosen['trainer.grad_accum']} "
+            "keeps the global batch)"
+        )
     return compose_config(overrides), overrides, reason
 
 

@@ -1,7 +1,13 @@
-"""Sequence and tensor parallelism on real DeepSpeed engines, 2 processes on gloo: a run whose
-every sequence is split across 2 ranks (Ulysses), and one whose every weight matrix is (AutoTP),
-train exactly as one rank holding everything (same global batch, per-step losses equal to
-float32 rounding); the split-sequence run resumes from its own checkpoint to the same losses.
+"""Sequence and tensor parallelism on real DeepSpeed engines on gloo: a run whose every sequence
+is split across 2 ranks (Ulysses), one whose every weight matrix is (AutoTP), and a 4-rank run of
+2 data-parallel replicas each splitting its sequences across 2 ranks train exactly as one rank
+holding everything (same global batch, per-step losses equal to float32 rounding); the split
+runs resume from their own checkpoints to the same losses, bit for bit.
+
+Micro batches hold one row, so every layout groups the step's 8 rows the same way (a step's
+loss is the mean of its micro batches' token means): the data-parallel run's two replicas take
+rows 0, 2, 4, 6 and 1, 3, 5, 7 of the step where one rank takes all 8 in order, and only the
+summation order differs.
 
 The data is packed (2-3 documents per row), so this also shows that packed documents stay apart
 under sequence parallelism: the 1-rank run keeps them apart with transformers' block-diagonal
@@ -20,6 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from tests.cli import bigscale, explain, metrics, train_rows
+from tests.distributed.test_multinode import run_two_nodes
 from tests.e2e.test_bad_input import assert_user_error
 
 pytestmark = pytest.mark.distributed
@@ -31,8 +38,8 @@ ARGS = [
     "trainer.precision=fp32",
     "trainer.max_steps=4",
     "optim.warmup_steps=1",
-    "trainer.micro_batch_size=4",
-    "trainer.grad_accum=2",
+    "trainer.micro_batch_size=1",
+    "trainer.grad_accum=8",
     "trainer.log_every=1",
     "checkpoint.every_steps=2",
     "trainer.eval_batches=2",
@@ -45,6 +52,10 @@ ARGS = [
     "strategy=zero2",
 ]
 SP2 = ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=2"]
+TP2 = ["strategy.tensor_parallel_size=2", "launcher.nproc_per_node=2"]
+# 2 replicas x 2 sequence ranks; half the accumulation keeps the global batch at 1 x 8 x 1.
+SPLIT_HALF_ACCUM = ["strategy.sequence_parallel_size=2", "trainer.grad_accum=4"]
+DP2_SP2 = [*SPLIT_HALF_ACCUM, "launcher.nproc_per_node=4"]
 # The held-out generation eval, small: a tensor group generates its prompts together, and under
 # sequence parallelism each rank generates whole sequences of its own.
 GENERATE = ["eval.exact_match=true", "eval.max_examples=8"]
@@ -64,24 +75,36 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
             work / "one", bigscale_home, "launcher.nproc_per_node=1", "export.at_end=true"
         ),
         "sp2": train(work / "sp2", bigscale_home, *SP2, *GENERATE),
-        "tp2": train(
-            work / "tp2",
-            bigscale_home,
-            "strategy.tensor_parallel_size=2",
-            "launcher.nproc_per_node=2",
-            "checkpoint.every_steps=0",
-            "export.at_end=true",
-            *GENERATE,
-        ),
+        "tp2": train(work / "tp2", bigscale_home, *TP2, "export.at_end=true", *GENERATE),
+        # 4 ranks on 2 cores are slow: no checkpoint, evaluation only the final one.
+        "dp2sp2": train(work / "dp2sp2", bigscale_home, *DP2_SP2, "checkpoint.every_steps=0"),
     }
-    # The split run again from its step-2 checkpoint, into a new run directory.
-    step2 = out["sp2"] / "checkpoints" / "step_00000002"
-    out["resumed"] = train(work / "resumed", bigscale_home, *SP2, f"resume={step2}")
+    # The same 4 ranks as 2 "nodes" of 2 on loopback (real torchrun rendezvous): each node's
+    # ranks are one sequence group, the replicas meet across nodes.
+    out["nodes"] = work / "nodes"
+    texts = run_two_nodes(
+        [f"run_dir={out['nodes']}", *ARGS, *SPLIT_HALF_ACCUM, "checkpoint.every_steps=0"],
+        work,
+        bigscale_home,
+    )
+    (out["nodes"] / "nodes-output.txt").write_text("\n".join(texts))
+    # The split runs again from their step-2 checkpoints, into new run directories.
+    for name, layout in (("sp2", SP2), ("tp2", TP2)):
+        step2 = out[name] / "checkpoints" / "step_00000002"
+        out[f"{name}-resumed"] = train(
+            work / f"{name}-resumed", bigscale_home, *layout, f"resume={step2}"
+        )
     return out
 
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in train_rows(run_dir)}
+
+
+def real_tokens_per_step(run_dir: Path) -> list[float]:
+    """Tokens with a label per step, summed over the ranks (rate x seconds per step: the
+    seconds cancel)."""
+    return [r["real_tokens_per_s"] * r["step_time_s"] for r in train_rows(run_dir)]
 
 
 def eval_loss(run_dir: Path) -> float:
@@ -95,6 +118,30 @@ def test_split_sequences_train_as_whole_ones(runs: dict[str, Path]) -> None:
     for step in one:
         assert sp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, sp2)
     assert eval_loss(runs["sp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+
+
+def test_data_parallel_replicas_of_split_sequences_train_as_one_rank(
+    runs: dict[str, Path],
+) -> None:
+    one, dpsp = losses(runs["one"]), losses(runs["dp2sp2"])
+    assert list(dpsp) == [1, 2, 3, 4]
+    for step in one:
+        assert dpsp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, dpsp)
+    # Each replica counts its rows once, not once per sequence rank.
+    share = [r["real_token_share"] for r in train_rows(runs["dp2sp2"])]
+    assert share == pytest.approx([r["real_token_share"] for r in train_rows(runs["one"])])
+    assert real_tokens_per_step(runs["dp2sp2"]) == pytest.approx(real_tokens_per_step(runs["one"]))
+
+
+def test_sequence_groups_inside_each_of_two_nodes_train_as_one_node(
+    runs: dict[str, Path],
+) -> None:
+    # Same world, same global ranks, same groups: the same run to the bit, whichever process
+    # hosts a rank; a group spanning the nodes or a node training alone would change it.
+    assert losses(runs["nodes"]) == losses(runs["dp2sp2"])
+    text = (runs["nodes"] / "nodes-output.txt").read_text()
+    assert "2 data-parallel x 2 sequence-parallel = 4 ranks" in text
+    assert "node.sh: node 1 of 2" in text
 
 
 def test_split_weights_train_as_whole_ones(runs: dict[str, Path]) -> None:
@@ -145,11 +192,12 @@ def test_tokens_are_counted_once_per_sequence(runs: dict[str, Path]) -> None:
     assert share["tp2"] == pytest.approx(share["one"])
 
 
-def test_resume_under_sequence_parallelism_is_exact(runs: dict[str, Path]) -> None:
-    resumed = losses(runs["resumed"])
+@pytest.mark.parametrize("layout", ["sp2", "tp2"])
+def test_resume_under_split_layouts_is_exact(runs: dict[str, Path], layout: str) -> None:
+    resumed = losses(runs[f"{layout}-resumed"])
     assert list(resumed) == [3, 4]
-    assert resumed == {step: losses(runs["sp2"])[step] for step in (3, 4)}
-    assert eval_loss(runs["resumed"]) == eval_loss(runs["sp2"])
+    assert resumed == {step: losses(runs[layout])[step] for step in (3, 4)}
+    assert eval_loss(runs[f"{layout}-resumed"]) == eval_loss(runs[layout])
 
 
 def test_resume_on_another_layout_is_refused(runs: dict[str, Path], bigscale_home: Path) -> None:

@@ -79,6 +79,21 @@ def check(overrides: list[str], world_size: int) -> None:
             ["set one of them to 1"],
         ),
         (["strategy.sequence_parallel_size=0"], 2, ["at least 1"]),
+        (  # 2 nodes of 3 ranks: the group of ranks 2 and 3 would span them
+            ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=3"],
+            6,
+            ["launcher.nproc_per_node=3 ranks per node would split", "multiple of 2"],
+        ),
+        (
+            [
+                "launcher=slurm",
+                "launcher.nodes=2",
+                "launcher.gpus_per_node=2",
+                "strategy.tensor_parallel_size=4",
+            ],
+            4,
+            ["launcher.gpus_per_node=2 ranks per node", "tensor_parallel_size=4 (4 consecutive"],
+        ),
         (["objective=dpo", "strategy.sequence_parallel_size=2"], 2, ["objective=dpo"]),
     ],
 )
