@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -25,6 +26,9 @@ from bigscale.train.assets import prepare_assets
 from bigscale.train.rundir import default_run_dir
 
 log = get_logger(__name__)
+
+ERROR_GRACE_S = 5.0
+"""How long a rank other than 0 stays after a user error, for rank 0 to print it."""
 
 
 def run_rank(overrides: list[str]) -> dict[str, float]:
@@ -116,8 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_rank(overrides)
     except BigscaleError as exc:
-        if DistEnv.from_environ().is_main:
+        env = DistEnv.from_environ()
+        if env.is_main:
             print(f"error: {redact_text(str(exc))}", file=sys.stderr)
             log_to_file_only(f"error: {exc}")
+        elif env.world_size > 1:
+            # The checks are the same on every rank, so rank 0 is saying this too; torchrun's
+            # agent stops the other ranks as soon as one exits, so leaving first could cut
+            # rank 0 off before its one line is printed.
+            time.sleep(ERROR_GRACE_S)
         return exc.exit_code
     return 0
