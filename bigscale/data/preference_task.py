@@ -68,17 +68,19 @@ def write_preference_task(
         _write_new(Path(test_path), plain[:TEST_SIZE])
 
 
-DATES_PAIRS_TRAIN_SIZE = 512
-"""Training pairs of the dates task: a few hundred steps' worth at most, because the reference
-pass runs the real model over every pair before training (on 2 CPU cores, about a second per
-eight pairs)."""
-DATES_PAIRS_VALIDATION_SIZE = 64
-_WRONG_DATE_KINDS = ("echo", "year", "time", "swap", "day", "separator")
+DATES_PAIRS_TRAIN_SIZE = 256
+"""Training pairs of the dates task: what the demo's steps use and no more, because the
+reference pass runs the real model over every pair before training (on 2 busy CPU cores, about
+a second per five pairs)."""
+DATES_PAIRS_VALIDATION_SIZE = 32
+_WRONG_DATE_KINDS = ("echo", "year", "more", "more", "swap", "day", "separator")
+_MORE = ("\n\nThis date is in ISO 8601 format.", " (UTC)", " 00:00:00", " ({words})", "T12:00:00")
 
 
 def wrong_date(day: datetime.date, question: str, rng: random.Random) -> str:
     """An answer that is not ``day.isoformat()``, of one kind drawn at random: what the untuned
-    model writes (the date as asked, the current year, a time appended) or a near miss."""
+    model writes (the date as asked, the current year or another century, the right date with
+    more after it) or a near miss."""
     iso = day.isoformat()
     kinds = list(_WRONG_DATE_KINDS)
     if day.day > 12 or day.day == day.month:  # swapping gives no valid or no different date
@@ -89,12 +91,12 @@ def wrong_date(day: datetime.date, question: str, rng: random.Random) -> str:
             words = question.rsplit(": ", 1)[-1]
             wrong = words if rng.random() < 0.5 else _spelled(day, rng.randrange(3))
         elif kind == "year":
-            year = rng.choice(
-                [y for y in (2022, 2023, day.year + 1, day.year - 1) if y != day.year]
-            )
+            years = (2022, 2023, day.year + 1, day.year - 1, day.year + 100, day.year - 100)
+            year = rng.choice([y for y in years if y != day.year and 1000 <= y <= 9999])
             wrong = f"{year:04d}{iso[4:]}"
-        elif kind == "time":
-            wrong = f"{iso} {rng.randrange(24):02d}:{rng.randrange(60):02d}:00"
+        elif kind == "more":  # the answer, then no end of turn: an explanation, a time, ...
+            words = question.rsplit(": ", 1)[-1]
+            wrong = iso + rng.choice(_MORE).format(words=words)
         elif kind == "swap":
             wrong = f"{day.year:04d}-{day.day:02d}-{day.month:02d}"
         elif kind == "day":
