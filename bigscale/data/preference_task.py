@@ -73,14 +73,20 @@ DATES_PAIRS_TRAIN_SIZE = 256
 reference pass runs the real model over every pair before training (on 2 busy CPU cores, about
 a second per five pairs)."""
 DATES_PAIRS_VALIDATION_SIZE = 32
-_WRONG_DATE_KINDS = ("echo", "year", "more", "more", "swap", "day", "separator")
+_WRONG_DATE_KINDS = ("echo", "year", "more", "more", "prose", "prose", "swap", "day", "separator")
+_PROSE = (
+    "ISO 8601: {iso}",
+    "The date {words} in ISO 8601 format is {iso}.",
+    "ISO 8601 is a standard format for representing dates and times.",
+    "Here is the date in ISO 8601 format:\n{iso}",
+)
 _MORE = ("\n\nThis date is in ISO 8601 format.", " (UTC)", " 00:00:00", " ({words})", "T12:00:00")
 
 
 def wrong_date(day: datetime.date, question: str, rng: random.Random) -> str:
     """An answer that is not ``day.isoformat()``, of one kind drawn at random: what the untuned
     model writes (the date as asked, the current year or another century, the right date with
-    more after it) or a near miss."""
+    more after it, prose around or instead of it) or a near miss."""
     iso = day.isoformat()
     kinds = list(_WRONG_DATE_KINDS)
     if day.day > 12 or day.day == day.month:  # swapping gives no valid or no different date
@@ -97,6 +103,9 @@ def wrong_date(day: datetime.date, question: str, rng: random.Random) -> str:
         elif kind == "more":  # the answer, then no end of turn: an explanation, a time, ...
             words = question.rsplit(": ", 1)[-1]
             wrong = iso + rng.choice(_MORE).format(words=words)
+        elif kind == "prose":  # words before the answer, or instead of it
+            words = question.rsplit(": ", 1)[-1]
+            wrong = rng.choice(_PROSE).format(iso=iso, words=words)
         elif kind == "swap":
             wrong = f"{day.year:04d}-{day.day:02d}-{day.month:02d}"
         elif kind == "day":

@@ -39,10 +39,14 @@ def test_wrong_date_is_never_the_answer_and_covers_every_kind() -> None:
     seen: set[str] = set()
     for offset in range(0, 73_000, 97):
         day = datetime.date(1900, 1, 1) + datetime.timedelta(days=offset)
-        question = f"Write this date in ISO 8601 format (YYYY-MM-DD): {day:%B} {day.day}, {day.year}"
+        question = (
+            f"Write this date in ISO 8601 format (YYYY-MM-DD): {day:%B} {day.day}, {day.year}"
+        )
         wrong = wrong_date(day, question, rng)
         assert wrong != day.isoformat()
-        if wrong.startswith(day.isoformat()):
+        if "ISO 8601" in wrong:
+            seen.add("prose")  # words before the date, or instead of it
+        elif wrong.startswith(day.isoformat()):
             seen.add("more")  # the right date with more after it, never ended
         elif wrong == f"{day.year:04d}-{day.day:02d}-{day.month:02d}":
             seen.add("swap")
@@ -55,7 +59,7 @@ def test_wrong_date_is_never_the_answer_and_covers_every_kind() -> None:
         else:
             assert str(day.year) in wrong and "-" not in wrong  # the date as words
             seen.add("echo")
-    assert seen == {"more", "swap", "separator", "year", "day", "echo"}
+    assert seen == {"more", "prose", "swap", "separator", "year", "day", "echo"}
 
 
 def test_rows_are_valid_pairs_of_the_dates_task(char_tokenizer) -> None:
