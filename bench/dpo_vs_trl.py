@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import REPO, child_env, run, torchrun  # noqa: E402
+from step_time import REPO, run, torchrun
 
 RANKS = 2
 SIDES = ("bigscale", "trl", "trl-precompute")

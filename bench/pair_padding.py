@@ -35,10 +35,32 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bigscale.config.schema import DataConfig  # noqa: E402
-from bigscale.data.collate import _pack_batch, pack_collate, real_token_fraction  # noqa: E402
+from bigscale.data.collate import _pack_batch, real_token_fraction  # noqa: E402
 from bigscale.data.preference import encode_pair, pair_collate  # noqa: E402
 
-WORDS = "the of and to in is that for it as with was on be by this are from or at an".split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "with",
+    "was",
+    "on",
+    "be",
+    "by",
+    "this",
+    "are",
+    "from",
+    "or",
+    "at",
+    "an",
+]
 
 
 def _text(rng: random.Random, low: int, high: int) -> str:

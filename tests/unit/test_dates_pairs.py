@@ -18,8 +18,8 @@ from bigscale.data.preference_task import (
     DATES_PAIRS_TRAIN_SIZE,
     DATES_PAIRS_VALIDATION_SIZE,
     dates_preference_rows,
-    wrong_date,
     write_dates_preference_task,
+    wrong_date,
 )
 from bigscale.data.sources import preflight
 from bigscale.data.tasks import DATES_HELD_OUT_SIZE, date_rows
