@@ -117,6 +117,8 @@ def run_trl(args: argparse.Namespace, work: Path, side: str) -> dict[str, float]
         "peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
         "wall_s": wall,
         "accuracy": ranks[0]["accuracy"],
+        "engine": ranks[0]["engine"],
+        "ref_model": ranks[0]["ref_model"],
     }
 
 
@@ -126,7 +128,7 @@ def run_trl(args: argparse.Namespace, work: Path, side: str) -> dict[str, float]
 def child(args: argparse.Namespace) -> None:
     import torch
     from accelerate import PartialState
-    from datasets import Dataset
+    from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -141,8 +143,11 @@ def child(args: argparse.Namespace) -> None:
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     del os.environ["ACCELERATE_USE_DEEPSPEED"]
-    rows = [json.loads(line) for line in Path(cfg.data.path).read_text().splitlines()]
-    dataset = Dataset.from_list(rows)
+    # From the file with an on-disk cache every rank shares: TRL maps it on the main process
+    # first and the others read that cache.
+    dataset = load_dataset(
+        "json", data_files=cfg.data.path, split="train", cache_dir=str(args.work / "hf-cache")
+    )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
 
     def model() -> Any:
@@ -166,6 +171,7 @@ def child(args: argparse.Namespace) -> None:
     training_args = DPOConfig(
         output_dir=str(args.work / f"{args.child}-out"),
         deepspeed=ds_config,
+        bf16=False,  # TRL's default; fp32 as bigscale's side
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=1,
         max_steps=args.steps,
@@ -206,6 +212,9 @@ def child(args: argparse.Namespace) -> None:
         "step_s": (stamps.ends[-1] - stamps.ends[args.warmup_steps - 1]) / measured,
         "peak_rss_gib": rss,
         "accuracy": stamps.accuracy,
+        # That TRL ran under DeepSpeed (not plain DDP): the engine it trained.
+        "engine": type(trainer.model_wrapped).__name__,
+        "ref_model": type(trainer.ref_model).__name__ if trainer.ref_model is not None else None,
     }
     Path(f"{args.out}.rank{os.environ['RANK']}").write_text(json.dumps(result))
 
@@ -251,8 +260,9 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict[str, float]]]) -> None:
+    numbers = ("step_s", "peak_rss_gib", "wall_s", "accuracy")
     med = {
-        side: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        side: {k: statistics.median(r[k] for r in rs) for k in numbers}
         for side, rs in results.items()
     }
     print(
