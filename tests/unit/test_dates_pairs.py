@@ -13,6 +13,7 @@ import pytest
 
 from bigscale.config.compose import compose_config
 from bigscale.config.schema import DataConfig, DataStyle
+from bigscale.config.validate import Hardware, validate
 from bigscale.data.preference import encode_pair, pair_of
 from bigscale.data.preference_task import (
     DATES_PAIRS_TRAIN_SIZE,
@@ -104,6 +105,7 @@ def test_demo_preset_prepares_and_preflights_its_data(demo_cfg) -> None:
 
     cfg = demo_cfg
     assert cfg.objective.name.value == "dpo" and cfg.data.style is DataStyle.preference
+    validate(cfg, 2, Hardware())  # the 2-rank run the demo is
     prepare_assets(cfg)
     preflight(cfg.data)
     examples = read_examples(cfg.data, 5)
