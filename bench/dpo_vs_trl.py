@@ -2,7 +2,8 @@
 memory per rank, same model, same pairs, same batch, alternating in one invocation.
 
     PYTHONPATH=. .venv/bin/python bench/dpo_vs_trl.py [--hidden 256 --layers 4 --micro-batch 8
-                                                       --steps 40 --warmup-steps 10 --rounds 2]
+                                                       --steps 40 --warmup-steps 10 --rounds 2
+                                                       --pairs N]
 
 Every side is one ``torchrun --standalone --nproc_per_node 2`` (gloo on CPU, ZeRO-2, fp32, 1
 thread per rank):
@@ -73,6 +74,20 @@ def overrides(args: argparse.Namespace, work: Path, run_dir: Path) -> list[str]:
         "optim.warmup_steps=0",
         "eval.exact_match=false",
         "export.at_end=false",
+        *subset_overrides(args, work),
+    ]
+
+
+def subset_overrides(args: argparse.Namespace, work: Path) -> list[str]:
+    """With ``--pairs N``: the first N training pairs (and 64 validation pairs) as the user's
+    own files, so both sides' passes before training stay short on a larger model."""
+    if not args.pairs:
+        return []
+    return [
+        "data.generate=null",
+        f"data.path={work / 'pairs.jsonl'}",
+        f"data.validation_path={work / 'pairs_validation.jsonl'}",
+        "data.test_path=null",
     ]
 
 
@@ -83,7 +98,18 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     from bigscale.config.compose import compose_config
     from bigscale.train.assets import prepare_assets
 
-    prepare_assets(compose_config(overrides(args, work, work / "unused")))
+    pairs = args.pairs
+    args.pairs = 0  # the generated files first, then the subset of them
+    cfg = compose_config(overrides(args, work, work / "unused"))
+    prepare_assets(cfg)
+    args.pairs = pairs
+    if pairs:
+        for source, target, n in (
+            (cfg.data.path, work / "pairs.jsonl", pairs),
+            (cfg.data.validation_path, work / "pairs_validation.jsonl", 64),
+        ):
+            lines = Path(source).read_text().splitlines(keepends=True)[:n]
+            target.write_text("".join(lines))
 
 
 def run_bigscale(args: argparse.Namespace, work: Path, name: str) -> dict[str, float]:
@@ -106,7 +132,7 @@ def run_trl(args: argparse.Namespace, work: Path, side: str) -> dict[str, float]
     out = work / f"{side}.json"
     command = [*torchrun(), f"--nproc_per_node={RANKS}", __file__, "--child", side]
     command += ["--work", str(work), "--out", str(out)]
-    for flag in ("hidden", "layers", "micro_batch", "steps", "warmup_steps"):
+    for flag in ("hidden", "layers", "micro_batch", "steps", "warmup_steps", "pairs"):
         command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     began = time.perf_counter()
     run(command, work, work / f"{side}.out")
@@ -227,6 +253,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=0, help="train on the first N pairs only")
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--child", choices=SIDES[1:])
     parser.add_argument("--work", type=Path)
