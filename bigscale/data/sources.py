@@ -257,7 +257,17 @@ def preflight(cfg: DataConfig) -> None:
         if DataStyle(cfg.style) in CHAT_STYLES:
             pairs = required_fields(cfg)
         for f in _local_files(cfg.test_path, "data.test_path"):
+            if DataStyle(cfg.style) is DataStyle.preference and _holds_messages(f, cfg):
+                pairs = [(MESSAGES_KEY, cfg.messages_field)]  # held out as chats (dates_pairs)
             check_local_file(f, cfg, fields=pairs)
+
+
+def _holds_messages(path: Path, cfg: DataConfig) -> bool:
+    """Whether a JSON test file's first row holds a conversation in ``data.messages_field``."""
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        return False
+    first = next(iter_rows(path, 1), None)
+    return first is not None and isinstance(first[1].get(cfg.messages_field), list)
 
 
 def _load_local(files: list[Path], cfg: DataConfig, cache_dir: Path | None) -> datasets.Dataset:

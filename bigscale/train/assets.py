@@ -63,10 +63,10 @@ def prepare_assets(cfg: TrainConfig) -> None:
     check_generated_data(d)
     if d.generate is not None:
         paths = [Path(p).expanduser() for p in (d.path, d.validation_path, d.test_path) if p]
-        if DataStyle(d.style) is DataStyle.preference:  # the arithmetic sums as preference pairs
-            from bigscale.data.preference_task import write_preference_task
+        if DataStyle(d.style) is DataStyle.preference:  # the task's preference pairs
+            from bigscale.data.preference_task import write_pairs_task
 
-            write_preference_task(*paths, seed=0)
+            write_pairs_task(BuiltinTask(d.generate).value, *paths, seed=0)
         else:
             write = {
                 BuiltinTask.arithmetic: write_arithmetic_task,

@@ -47,13 +47,15 @@ class Example:
 def read_examples(data: DataConfig, limit: int) -> list[Example]:
     assert data.test_path is not None
     chat = DataStyle(data.style) in CHAT_STYLES
+    pairs = DataStyle(data.style) is DataStyle.preference
     out: list[Example] = []
     with Path(data.test_path).open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             row = json.loads(line)
-            if chat:
+            # Preference data held out as chats (data=dates_pairs) is scored as chat is.
+            if chat or (pairs and isinstance(row.get(data.messages_field), list)):
                 messages = conversation(row, data, f"{data.test_path}:{lineno}")
                 out.append(Example(tuple(messages[:-1]), str(messages[-1].get("content", ""))))
             else:
@@ -105,7 +107,7 @@ def describe_budget(
     tokenizer: PreTrainedTokenizerBase, examples: list[Example], cfg: TrainConfig
 ) -> str:
     """The log line naming the generation budget and where it came from."""
-    end = answer_end(tokenizer, DataStyle(cfg.data.style) in CHAT_STYLES)
+    end = answer_end(tokenizer, any(isinstance(ex.prompt, tuple) for ex in examples))
     n = budget(tokenizer, examples, cfg.eval, end)
     source = (
         "eval.max_new_tokens"
