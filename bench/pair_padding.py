@@ -1,5 +1,5 @@
-"""Real-token share of preference batches: pairs padded side by side (what bigscale trains on)
-against the same sequences packed (what packing of pairs would give; not built).
+"""Real-token share of preference batches: pairs padded side by side (``data.packing=false``)
+against the same pairs packed (``data.packing=true``: ``pack_pair_collate``).
 
     PYTHONPATH=. .venv/bin/python bench/pair_padding.py [--pairs 2048 --micro-batch 8]
 
@@ -15,10 +15,13 @@ order, ``--micro-batch`` pairs per batch:
   SmolLM2's chat template, when the converted model is found under ``$BIGSCALE_HOME``.
 
 Padded: ``pair_collate``'s batch (chosen rows then rejected rows, right-padded to the longest
-of the 2 x micro-batch sequences), real tokens over positions. Packed (mixed only): the same
+of the 2 x micro-batch sequences), real tokens over positions. Packed: ``pack_pair_collate``'s
+batch of the same micro batch (what a run with ``data.packing=true`` trains on: the 2 x
+micro-batch sequences first-fit decreasing into rows of at most ``data.max_length``, padded to
+the longest row), real tokens over positions. Split-wide (mixed only, for comparison): the same
 sequences packed as SFT packs a split (``bigscale.data.collate._pack_batch``: first fit into
-rows of ``data.max_length``, windows of 1,000 sequences), real tokens over the rows' positions:
-the share a pair packer using SFT's rule would reach. Nothing is timed."""
+rows of ``data.max_length``, windows of 1,000 sequences), the share a packer free to mix pairs
+across micro batches would reach. Nothing is timed."""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bigscale.config.schema import DataConfig  # noqa: E402
 from bigscale.data.collate import _pack_batch, real_token_fraction  # noqa: E402
+from bigscale.data.pair_packing import pack_pair_collate  # noqa: E402
 from bigscale.data.preference import encode_pair, pair_collate  # noqa: E402
 
 WORDS = [
@@ -90,17 +94,23 @@ def encoded(rows: list[dict[str, Any]], tokenizer: Any, cfg: DataConfig) -> list
 
 
 def shares(pairs: list[dict], micro_batch: int, pad_id: int, width: int, seed: int) -> tuple:
-    """(padded share, packed share, median padded share per batch) over the shuffled pairs."""
+    """(padded share, packed share, split-wide packed share, median padded share per batch,
+    median packed share per batch) over the shuffled pairs."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    real = padded_all = 0
+    real = padded_all = packed_all = 0
     per_batch: list[float] = []
+    per_packed: list[float] = []
     for start in range(0, len(order) - micro_batch + 1, micro_batch):
         batch = [pairs[i] for i in order[start : start + micro_batch]]
         padded = pair_collate(batch, pad_id)
+        packed_batch = pack_pair_collate(batch, pad_id, width)
+        assert int(packed_batch["num_tokens"]) == int(padded["num_tokens"])
         per_batch.append(real_token_fraction(padded))
+        per_packed.append(real_token_fraction(packed_batch))
         real += int(padded["num_tokens"])
         padded_all += padded["input_ids"].numel()
+        packed_all += packed_batch["input_ids"].numel()
     # The same sequences (both sides of the same pairs, in the same order) packed as SFT packs a
     # split: first fit into rows of data.max_length, in windows of 1,000 sequences.
     used = [pairs[i] for i in order[: len(per_batch) * micro_batch]]
@@ -113,7 +123,18 @@ def shares(pairs: list[dict], micro_batch: int, pad_id: int, width: int, seed: i
             {"input_ids": [s[0] for s in window], "labels": [s[1] for s in window]}, width
         )
         rows += len(packed["input_ids"])
-    return real / padded_all, real / (rows * width), statistics.median(per_batch)
+    return (
+        real / padded_all,
+        real / packed_all,
+        real / (rows * width),
+        statistics.median(per_batch),
+        statistics.median(per_packed),
+    )
+
+
+def padded_all_ratio(padded_share: float, packed_share: float) -> float:
+    """Positions of the padded batches over those of the packed ones (same real tokens)."""
+    return packed_share / padded_share
 
 
 def main() -> None:
@@ -130,14 +151,21 @@ def main() -> None:
     cfg = DataConfig(style="preference", max_length=1024)
     pairs = encoded(mixed_rows(a.pairs, a.seed), tokenizer, cfg)
     lengths = [len(p["input_ids"]) for p in pairs] + [len(p["rejected_input_ids"]) for p in pairs]
-    padded, packed, median = shares(pairs, a.micro_batch, tokenizer.pad_token_id, 1024, a.seed)
+    padded, packed, wide, median, packed_median = shares(
+        pairs, a.micro_batch, tokenizer.pad_token_id, 1024, a.seed
+    )
     print(
         f"mixed: {a.pairs} pairs, sequence length median {statistics.median(lengths):.0f}, "
         f"p90 {sorted(lengths)[int(0.9 * len(lengths))]}, max {max(lengths)} tokens; "
         f"{a.micro_batch} pairs per batch"
     )
     print(f"  padded pairs: {padded:.1%} real tokens (median batch {median:.1%})")
-    print(f"  packed into rows of 1024 (SFT's first-fit rule, computed): {packed:.1%} real tokens")
+    print(
+        f"  packed pairs (data.packing=true, rows of at most 1024): {packed:.1%} real tokens "
+        f"(median batch {packed_median:.1%}), {padded_all_ratio(padded, packed):.2f}x fewer "
+        "positions than padded"
+    )
+    print(f"  split-wide packing into rows of 1024 (SFT's rule, for comparison): {wide:.1%}")
     home = Path(os.environ.get("BIGSCALE_HOME", REPO / ".cache" / "bigscale"))
     models = sorted((home / "models" / "gguf").glob("*/tokenizer_config.json"))
     if not models:
@@ -151,8 +179,13 @@ def main() -> None:
     cfg = DataConfig(style="preference", max_length=128)
     with tempfile.TemporaryDirectory():
         pairs = encoded(dates_preference_rows(0)[400:912], smol, cfg)
-    padded, _, median = shares(pairs, a.micro_batch, smol.pad_token_id, 128, a.seed)
-    print(f"dates_pairs (512 pairs, SmolLM2 chat template): padded {padded:.1%} real tokens")
+    padded, packed, _, median, packed_median = shares(
+        pairs, a.micro_batch, smol.pad_token_id, 128, a.seed
+    )
+    print(
+        f"dates_pairs (512 pairs, SmolLM2 chat template): padded {padded:.1%} real tokens, "
+        f"packed {packed:.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from bigscale.data.mixture import (
     mixture_sources,
     validation_source,
 )
+from bigscale.data.pair_packing import pack_pair_collate
 from bigscale.data.preference import pair_collate, tokenize_pairs
 from bigscale.data.sampler import ResumableDistributedSampler
 from bigscale.data.sources import is_hub, load_raw, resolve_files
@@ -77,6 +78,8 @@ def pad_token_id(tokenizer: Any) -> int:
 def make_collate(cfg: DataConfig, tokenizer: Any) -> Collate:
     pad_id = pad_token_id(tokenizer)
     if DataStyle(cfg.style) is DataStyle.preference:
+        if cfg.packing:  # packed per micro batch, so a step sees the same pairs as unpacked
+            return functools.partial(pack_pair_collate, pad_id=pad_id, max_length=cfg.max_length)
         return functools.partial(pair_collate, pad_id=pad_id)
     if cfg.packing:
         return functools.partial(pack_collate, pad_id=pad_id, max_length=cfg.max_length)
@@ -180,7 +183,9 @@ class _Preparer:
         vals = [v for v in vals if len(v[0])]
         val_key = _joint_key([v[2] for v in vals], [], 0)
         validation = datasets.concatenate_datasets([v[0] for v in vals]) if vals else empty_split()
-        if self.cfg.packing:
+        # Pairs are packed by their collate, per micro batch; the split stays one row per pair.
+        packed = self.cfg.packing and DataStyle(self.cfg.style) is not DataStyle.preference
+        if packed:
             train = self._pack(train, train_key)
             validation = self._pack(validation, val_key)
         return DataBundle(
@@ -189,7 +194,7 @@ class _Preparer:
             make_collate(self.cfg, self.tokenizer),
             add_reports([t[1] for t in trains]),
             add_reports([v[1] for v in vals]),
-            self.cfg.packing,
+            packed,
         )
 
     def _pack(self, ds: datasets.Dataset, key: str) -> datasets.Dataset:

@@ -93,8 +93,14 @@ def check_objective(cfg: TrainConfig) -> None:
             f"model.loss_chunk_tokens={cfg.model.loss_chunk_tokens} chunks the LM head, which a "
             "reward model (objective=reward) replaces with a one-score head; set it to 0"
         )
+    if name is ObjectiveName.reward and d.packing:
+        # The classifier scores each row's last non-pad token (transformers' pooling), which a
+        # packed row of several sequences does not have.
+        raise ConfigError(
+            "data.packing=true is not supported with objective=reward (its head scores each "
+            "row's last token, one per sequence); unset data.packing"
+        )
     for key, on in (
-        ("data.packing", d.packing),
         ("data.streaming", d.streaming),
         ("data.mixture", bool(d.mixture)),
     ):

@@ -2,10 +2,11 @@
 micro batch and for the metric sums it logs; it knows nothing of pairs or references.
 
 ``sft``: the model's own next-token loss. The preference objectives run chosen and rejected
-through one forward (``pair_collate`` puts them in one padded batch), sum each completion's
-token log-probs (through the chunked head when ``model.loss_chunk_tokens`` is set, so the full
-logits never exist), and hand them to ``bigscale.train.losses``. DPO and IPO read the reference
-model's log-probs from the table the reference pass made before training
+through one forward (``pair_collate`` puts them in one padded batch; with ``data.packing``
+``pack_pair_collate`` packs them into rows, each sequence summed by its ``segment_ids``), sum
+each completion's token log-probs (through the chunked head when ``model.loss_chunk_tokens`` is
+set, so the full logits never exist), and hand them to ``bigscale.train.losses``. DPO and IPO
+read the reference model's log-probs from the table the reference pass made before training
 (``bigscale.train.reference``), by each pair's row index.
 
 ``reward``: the model is a sequence classifier with one output (``load_reward_model``); its
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from bigscale.config.schema import ObjectiveName, TrainConfig
 from bigscale.data.chat import IGNORE_INDEX
+from bigscale.data.pair_packing import SEGMENT_IDS
 from bigscale.dist.engine import Engine
 from bigscale.train import losses
 
@@ -77,7 +79,18 @@ def sequence_logps(
         logits = engine.outputs(batch, labels=None).logits.float()
         picked = torch.gather(logits, 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         token_logps = picked - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    if SEGMENT_IDS not in batch:
+        return (token_logps * mask).sum(-1), mask.sum(-1)
+    # Packed pairs: sum each sequence's positions on its own. A label is never set across a
+    # boundary (a sequence's first token has none), so position t and its target t + 1 belong
+    # to the same sequence wherever the mask is on.
+    segments = batch[SEGMENT_IDS].to(engine.device)
+    on = mask & (segments >= 0)
+    count = 2 * len(batch["pair_index"])
+    index = segments[on]
+    sums = token_logps.new_zeros(count).index_add(0, index, token_logps[on])
+    tokens = torch.zeros(count, dtype=torch.long, device=segments.device)
+    return sums, tokens.index_add(0, index, torch.ones_like(index))
 
 
 class PreferenceObjective(Objective):

@@ -6,7 +6,8 @@ one pass before training runs the freshly loaded engine itself (same strategy, s
 dropout off) over every pair of the training and validation splits and records the summed
 log-probs of each completion: one forward over the data, no backward. The table is stored
 beside the tokenization cache under a key of the model files, the tokenized split and the
-settings that change the numbers, so every step, rank, resumed run and rerun reads it, and a
+settings that change the numbers (not ``data.packing``: the pass always pads, see
+``padded_pair_collate``), so every step, rank, resumed run and rerun reads it, and a
 resumed run's reference is bitwise the one its first run used.
 
 With LoRA this pass is used too (not the base with adapters switched off each step): it costs
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from bigscale.config.schema import ObjectiveName, TrainConfig
 from bigscale.data.cache import cache_root
+from bigscale.data.pair_packing import padded_pair_collate
 from bigscale.data.preference import REFERENCE_OBJECTIVES
 from bigscale.dist.engine import Engine
 from bigscale.dist.env import DistEnv
@@ -195,5 +197,6 @@ def build_objective(
         bundle = data.data
         splits = {TRAIN: bundle.train, VALIDATION: bundle.validation}
         cache = cache_root(cache_dir(cfg, run_dir), cfg.data.cache_scope)
-        reference = reference_tables(cfg, engine, splits, bundle.collate, env, cache, precision)
+        collate = padded_pair_collate(bundle.collate)  # the table does not depend on packing
+        reference = reference_tables(cfg, engine, splits, collate, env, cache, precision)
     return PreferenceObjective(cfg, reference)

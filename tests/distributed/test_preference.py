@@ -1,14 +1,16 @@
 """Preference tuning end to end: real torchrun, 2 processes on gloo, real DeepSpeed engines.
 
 DPO on ddp, ZeRO-2 (with LoRA) and ZeRO-3 (with the chunked head and activation checkpointing),
-SimPO and ORPO on ddp, all on one small file of pairs (a sum's answer preferred over the same
-answer badly formatted): held-out preference accuracy rises, the reference pass runs once for
-all the DPO runs (they share the tokenization cache it is stored in), and a DPO run killed
+SimPO and ORPO on ddp, DPO with packed pairs on ddp, all on one small file of pairs (a sum's
+answer preferred over the same answer badly formatted): held-out preference accuracy rises, the
+reference pass runs once for all the DPO runs on one model (they share the tokenization cache
+it is stored in), a packed run's first step equals the padded computation, and a DPO run killed
 after a checkpoint and resumed ends bitwise as the uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -30,6 +32,17 @@ RUNS = {
         "optim.lr=1e-3",
         "model.gradient_checkpointing=true",
         "model.loss_chunk_tokens=48",
+    ],
+    # Packed pairs, on a model without dropout (dropout masks depend on the batch's shape) and
+    # logging every step: its first step is compared with the padded computation.
+    "dpo-ddp-packed": [
+        "objective=dpo",
+        "strategy=ddp",
+        "optim.lr=1e-3",
+        "data.packing=true",
+        "model.name_or_path=${oc.env:BIGSCALE_HOME}/models/tiny-no-dropout",
+        "model.create_if_missing.dropout=0.0",
+        "trainer.log_every=1",
     ],
     "simpo-ddp": ["objective=simpo", "strategy=ddp", "optim.lr=1e-3"],
     "orpo-ddp": ["objective=orpo", "strategy=ddp", "objective.lambda_=1.0", "optim.lr=1e-3"],
@@ -108,11 +121,30 @@ def test_reference_pass_runs_once(runs: dict[str, tuple[Path, str]]) -> None:
     """The first DPO run scores the pairs; every later one (other strategies, LoRA, the
     chunked head excepted: it changes the numerics, so its table is keyed apart) reads them."""
     computed = {n: "reference pass:" in runs[n][1] for n in DPO_RUNS}
-    assert computed == {"dpo-ddp": True, "dpo-zero2-lora": False, "dpo-zero3": True}, computed
+    # The packed run's model is another (no dropout), so it has a table of its own.
+    expected = {"dpo-ddp": True, "dpo-zero2-lora": False, "dpo-zero3": True, "dpo-ddp-packed": True}
+    assert computed == expected, computed
     assert "reference log-probs of the train pairs read from" in runs["dpo-zero2-lora"][1]
     for name in ("simpo-ddp", "orpo-ddp"):  # reference-free
         assert "reference pass" not in runs[name][1]
         assert "reference log-probs" not in runs[name][1]
+
+
+def test_packed_pairs_first_step_equals_the_padded_computation(
+    runs: dict[str, tuple[Path, str]],
+) -> None:
+    """data.packing=true: at step 1 the policy is the initial model and, without dropout, the
+    padded computation gives exactly the reference table (DPO loss log 2, rewards 0). The
+    reference pass pads whatever data.packing says, the training forward packs: the packed
+    run's first DPO loss equals the padded one within 1e-5 only if every packed sequence's
+    log-prob sum equals its padded one."""
+    rows = train_rows(runs["dpo-ddp-packed"][0])
+    first = rows[0]
+    assert first["step"] == 1, rows[:2]
+    assert abs(first["loss"] - math.log(2)) < 1e-5, first
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margin"):
+        assert abs(first[key]) < 1e-5, first
+    assert rows[-1]["loss"] < first["loss"]  # and it trains
 
 
 def test_killed_and_resumed_dpo_run_matches_uninterrupted(

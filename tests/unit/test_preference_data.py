@@ -163,7 +163,8 @@ def test_preference_objective_on_sft_data_names_the_fields_it_needs() -> None:
         (["objective=dpo", "objective.beta=0"], "objective.beta=0 must be positive"),
         (["objective=dpo", "objective.label_smoothing=0.5"], "must be in [0, 0.5)"),
         (["objective=simpo", "objective.label_smoothing=0.1"], "conservative DPO's"),
-        (["objective=dpo", "data.packing=true"], "data.packing is not supported"),
+        (["objective=reward", "data.packing=true"], "not supported with objective=reward"),
+        (["objective=dpo", "data.streaming=true"], "data.streaming is not supported"),
         (["objective=reward", "model.loss_chunk_tokens=64"], "model.loss_chunk_tokens=64"),
     ],
 )
@@ -171,6 +172,11 @@ def test_objective_cross_checks(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as err:
         _validate("data=arithmetic_pairs", *overrides)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "simpo", "orpo"])
+def test_log_prob_objectives_accept_packing(name: str) -> None:
+    _validate("data=arithmetic_pairs", f"objective={name}", "data.packing=true")
 
 
 @pytest.mark.parametrize("name", ["sft", "dpo", "ipo", "simpo", "orpo", "reward"])
