@@ -168,3 +168,33 @@ def test_killed_and_resumed_dpo_run_matches_uninterrupted(
     resumed = load_file(run_dir / "export" / "model.safetensors")
     for key, tensor in load_file(straight / "export" / "model.safetensors").items():
         assert torch.equal(resumed[key], tensor), key
+
+
+def test_dpo_checkpoint_of_two_ranks_resumes_on_one(
+    runs: dict[str, tuple[Path, str]], work: Path, bigscale_home: Path
+) -> None:
+    """The packed DPO run's step-16 checkpoint (2 ranks, 8 pairs x 2 accum each) resumed on 1
+    rank with the same global batch (16 x 2): the cached reference table serves the new layout
+    (no second reference pass), and without dropout the steps log nearly the 2-rank run's
+    losses (summation order and micro-batch grouping aside)."""
+    straight = runs["dpo-ddp-packed"][0]
+    run_dir = work / "dpo-one-rank"
+    args = [a for a in _args(work, run_dir, "dpo-ddp-packed") if not a.startswith("launcher.")]
+    args += [
+        "launcher.nproc_per_node=1",
+        "trainer.micro_batch_size=16",
+        "trainer.grad_accum=2",
+        f"resume={straight / 'checkpoints' / 'step_00000016'}",  # step 8's is rotated away
+    ]
+    args = [a for a in args if a != "trainer.micro_batch_size=8"]
+    proc = bigscale(args, work, bigscale_home)
+    assert proc.returncode == 0, explain(proc)
+    assert re.search(r"resumed from .*step_00000016 at step 16", proc.stderr), proc.stderr
+    assert "written by 2 ranks, this run has 1" in proc.stderr
+    assert "reference pass:" not in proc.stderr
+    assert "reference log-probs of the train pairs read from" in proc.stderr
+    ours = {r["step"]: r["loss"] for r in train_rows(run_dir)}
+    reference = {r["step"]: r["loss"] for r in train_rows(straight)}
+    assert sorted(ours) == list(range(17, 25)), sorted(ours)
+    for step, loss in ours.items():
+        assert loss == pytest.approx(reference[step], rel=1e-2), (step, ours, reference)
