@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bigscale.errors import BigscaleError, ConfigError
-
-PREFIX = "harness"
+from bigscale.train.harness_eval import PREFIX
 
 
 class EvalError(BigscaleError):

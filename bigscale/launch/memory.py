@@ -279,18 +279,19 @@ def estimate(
 
 
 def checkpoint_snapshot_gib(
-    shape: ModelShape, strategy: StrategyConfig, precision: Precision, dp_ranks: int
+    est: MemoryEstimate, strategy: StrategyConfig, precision: Precision, dp_ranks: int
 ) -> float:
     """Host memory one rank holds for an asynchronous checkpoint's snapshot: what it saves,
     i.e. the weights (rank 0 of each ZeRO 0-2 group saves them whole) and its partition of the
     optimizer state (fp32 master and Adam moments), offloaded or not. Reused from save to
-    save, pinned when the state lives on a GPU."""
+    save, pinned when the state lives on a GPU. Counted from the plan's memory estimate, whose
+    parameter counts are the model's as trained."""
     half = precision in (Precision.bf16, Precision.fp16)
-    trainable = shape.params if shape.trainable is None else shape.trainable
+    trainable = est.trainable
     tp = strategy.tensor_parallel_size
     zero_ranks = max(1, dp_ranks // tp)
     stage = strategy.zero_stage
-    weights = shape.params * (2 if half else 4) / tp / (zero_ranks if stage >= 3 else 1)
+    weights = est.params * (2 if half else 4) / tp / (zero_ranks if stage >= 3 else 1)
     optim = trainable * (12 if half else 8) / tp / (zero_ranks if stage >= 1 else 1)
     return (weights + optim) / GIB
 

@@ -294,19 +294,18 @@ def render(plan: Plan, with_memory: bool = True) -> str:
                 + _split_note(c.strategy)
                 + ")"
             )
-            lines.append(_checkpoint_line(plan))
+            lines.append(_checkpoint_line(plan, est))
         else:
             lines.append(f"memory/GPU      {mem}")
     lines.append(f"command         {redact_text(shlex.join(plan.command()))}")
     return "\n".join(lines)
 
 
-def _checkpoint_line(plan: Plan) -> str:
-    c, m = plan.cfg, plan.cfg.model
+def _checkpoint_line(plan: Plan, est: MemoryEstimate) -> str:
+    c = plan.cfg
     if not c.checkpoint.async_:
         return "checkpoint      synchronous (checkpoint.async=false): training waits for each save"
-    shape = finetuned(model_shape(model_dir(m), m.revision, m.trust_remote_code), c.finetune)
-    gib = checkpoint_snapshot_gib(shape, c.strategy, plan.precision, plan.world_size)
+    gib = checkpoint_snapshot_gib(est, c.strategy, plan.precision, plan.world_size)
     return (
         f"checkpoint      asynchronous: {gib:.2f} GiB of host memory per rank (at most) for the "
         "snapshot written in the background (checkpoint.async=false to save synchronously)"

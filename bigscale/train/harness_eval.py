@@ -24,7 +24,8 @@ from bigscale.logging import get_logger
 
 log = get_logger(__name__)
 
-PREFIX = "harness"  # as bigscale.commands.evaluate.PREFIX, which is not imported here (light)
+PREFIX = "harness"
+"""Scores of lm-eval tasks are named ``harness/<task>/<metric>`` (here and by ``bigscale eval``)."""
 
 
 def check(cfg: TrainConfig) -> None:
