@@ -26,6 +26,9 @@ class DataStats:
     longest: int
     """Tokens in the longest row (with packing, rows are padded to ``data.max_length``)."""
     packed: bool
+    validation_rows: int | None = None
+    """Rows of the validation split, where the plan tokenized it (DPO's reference pass scores
+    them too); None where not counted."""
 
     @classmethod
     def of(cls, train: Any, packed: bool) -> DataStats:

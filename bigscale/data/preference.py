@@ -35,6 +35,9 @@ PREFERENCE_OBJECTIVES = (
 )
 REFERENCE_OBJECTIVES = (ObjectiveName.dpo, ObjectiveName.ipo)
 """Objectives that compare the policy with the initial model (its log-probs precomputed)."""
+REFERENCE_TABLE_COLUMNS = 2
+"""A reference table's row: the initial model's summed log-probs of the chosen and the rejected
+completion (float64), as ``bigscale.train.reference`` stores it and the plan sizes it."""
 
 CHOSEN_KEY, REJECTED_KEY, PROMPT_KEY = (
     "data.chosen_field",

@@ -18,6 +18,11 @@ Gradient checkpointing keeps only each layer's input plus one layer's worth duri
 The LM head adds the logits three times around the loss: in the compute dtype, upcast to fp32,
 and log-softmax's fp32 output (the one kept for backward); with ``model.loss_chunk_tokens`` only
 one chunk's worth exists at a time and nothing of it is kept.
+DPO and IPO add no model: the reference log-probs are computed once, before the first step, by a
+forward of the policy itself (``bigscale.train.reference``), with the model states already in
+place. That forward keeps nothing for backward, so its peak is one reference batch's transient
+values (``reference_activations``); the run's activation peak is the larger of it and a training
+micro batch's.
 It is an estimate: allocator fragmentation, temporary buffers and communication
 buckets come on top, so ``strategy=auto`` leaves a margin.
 """
@@ -38,6 +43,7 @@ from bigscale.config.schema import (
     StrategyConfig,
     TrainConfig,
 )
+from bigscale.data.preference import REFERENCE_OBJECTIVES, REFERENCE_TABLE_COLUMNS
 
 GIB = 1024**3
 
@@ -93,9 +99,14 @@ class MemoryEstimate:
     trainable: int = 0
     """Parameters with gradients and optimizer state."""
 
+    reference_gib: float = 0.0
+    """DPO/IPO: the activations of one forward of the reference pass, which runs before the
+    first step beside the same model states (not beside a training micro batch's activations)."""
+
     @property
     def total_gib(self) -> float:
-        return self.weights_gib + self.grads_gib + self.optimizer_gib + self.activations_gib
+        states = self.weights_gib + self.grads_gib + self.optimizer_gib
+        return states + max(self.activations_gib, self.reference_gib)
 
 
 # Once per model and process: with strategy=auto the plan needs the shape to choose, then again
@@ -185,6 +196,9 @@ class Workload:
     """0: full logits around the loss; N: the chunked loss, N tokens of logits at a time."""
     seq_from: str = "data.max_length"
     """Where ``seq_len`` comes from, for the plan."""
+    reference_batch: int = 0
+    """Sequences per forward of the reference pass (DPO, IPO: both sides of
+    ``objective.reference_batch_size`` pairs, of at most ``seq_len`` tokens); 0: no such pass."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, data: DataStats | None = None) -> Workload:
@@ -200,6 +214,7 @@ class Workload:
         pairs = cfg.data.style.value == "preference"
         if pairs:
             seq_len, source = cfg.data.max_length, "data.max_length (pairs)"
+        reference = cfg.objective.name in REFERENCE_OBJECTIVES
         return cls(
             micro_batch=cfg.trainer.micro_batch_size * (2 if pairs else 1),
             seq_len=seq_len,
@@ -207,6 +222,7 @@ class Workload:
             checkpoint_every=m.checkpoint_every,
             loss_chunk_tokens=m.loss_chunk_tokens,
             seq_from=source,
+            reference_batch=2 * cfg.objective.reference_batch_size if reference else 0,
         )
 
 
@@ -246,6 +262,31 @@ def activations(shape: ModelShape, work: Workload, precision: Precision) -> Acti
     )
 
 
+def reference_activations(shape: ModelShape, work: Workload, precision: Precision) -> float:
+    """Peak bytes of one forward of the reference pass (``work.reference_batch`` sequences of
+    ``work.seq_len`` tokens) under ``torch.no_grad``, where no layer keeps anything: the larger
+    of one decoder layer's live values (measured on transformers' Llama: about 4h + 2kv + 3i
+    per token, the residual stream and the MLP's gate, up and product at once) and the head's
+    moment (the final hidden states, then the logits in the compute dtype, their fp32 copy and
+    logsumexp's fp32 temporary in ``bigscale.train.objectives.sequence_logps``; one chunk's
+    worth with ``model.loss_chunk_tokens``). 0 without a reference pass."""
+    if not work.reference_batch:
+        return 0.0
+    elem = 2 if precision in (Precision.bf16, Precision.fp16) else 4
+    tokens = work.reference_batch * work.seq_len
+    layer = tokens * elem * (4 * shape.hidden + 2 * shape.kv_width + 3 * shape.intermediate)
+    upcast = 4 if elem != 4 else 0  # .float() is no copy in fp32
+    logits = min(tokens, work.loss_chunk_tokens) if work.loss_chunk_tokens else tokens
+    head = tokens * elem * 2 * shape.hidden + logits * shape.vocab * (elem + upcast + 4)
+    return float(max(layer, head))
+
+
+def reference_table_bytes(pairs: int) -> int:
+    """Disk size of a split's reference table (``bigscale.train.reference``): a float64
+    (chosen, rejected) row per pair, in ``torch.save``'s zip framing (under 2 KB)."""
+    return REFERENCE_TABLE_COLUMNS * 8 * pairs + 2048
+
+
 def estimate(
     shape: ModelShape,
     strategy: StrategyConfig,
@@ -273,8 +314,15 @@ def estimate(
     if strategy.offload_params:
         weights = 0.0
     acts = activations(shape, work, precision).peak / sp if work else 0.0
+    reference = reference_activations(shape, work, precision) if work else 0.0
     return MemoryEstimate(
-        shape.params, weights / GIB, grads / GIB, optim / GIB, acts / GIB, trainable
+        shape.params,
+        weights / GIB,
+        grads / GIB,
+        optim / GIB,
+        acts / GIB,
+        trainable,
+        reference / GIB,
     )
 
 

@@ -27,6 +27,7 @@ from bigscale.launch.memory import (
     estimate,
     finetuned,
     model_shape,
+    reference_table_bytes,
 )
 from bigscale.launch.node import multinode_command
 from bigscale.launch.topology import Topology, node_hardware, resolve_topology
@@ -170,7 +171,9 @@ def data_stats(cfg: TrainConfig, run_dir: Path) -> DataStats | None:
     bundle = build_datasets(
         cfg.data, tokenizer, DistEnv(), cfg.trainer.seed, cache_dir(cfg, run_dir)
     )
-    return DataStats.of(bundle.train, bundle.packed)
+    return replace(
+        DataStats.of(bundle.train, bundle.packed), validation_rows=len(bundle.validation)
+    )
 
 
 def with_data_stats(plan: Plan) -> Plan:
@@ -268,8 +271,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         *_layout_lines(plan),
         f"batch           {t.micro_batch_size} micro x {t.grad_accum} accum x "
         f"{plan.global_batch // (t.micro_batch_size * t.grad_accum)} ranks = "
-        f"{plan.global_batch} sequences/step, at most "
-        f"{plan.global_batch * c.data.max_length:,} tokens/step",
+        f"{_batch_unit(c, plan.global_batch)}, at most "
+        f"{plan.global_batch * _sides(c) * c.data.max_length:,} tokens/step",
         f"steps           {plan.shape.steps_text()}",
         f"schedule        lr {c.optim.lr:g}, {c.optim.schedule.value}, warmup "
         f"{plan.shape.warmup_steps} of {plan.shape.max_steps} steps"
@@ -277,7 +280,7 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"speed           {_speed_summary(c)}",
         f"W&B             {c.logger.mode.value} (project {c.logger.project})",
     ]
-    lines += objective_lines(c, plan.shape.data)
+    lines += objective_lines(plan)
     if plan.kind is LauncherKind.slurm:
         lines.append(f"slurm           {_slurm_summary(plan)}")
     lines += _resume_lines(plan)
@@ -293,6 +296,7 @@ def render(plan: Plan, with_memory: bool = True) -> str:
                 f"({work.micro_batch} x {work.seq_len} tokens: {work.seq_from}"
                 + _split_note(c.strategy)
                 + ")"
+                + _reference_note(est, work)
             )
             lines.append(_checkpoint_line(plan, est))
         else:
@@ -312,23 +316,75 @@ def _checkpoint_line(plan: Plan, est: MemoryEstimate) -> str:
     )
 
 
-def objective_lines(c: TrainConfig, data: DataStats | None) -> list[str]:
-    """The objective and, for DPO/IPO, the reference pass that runs before the first step."""
+def _sides(c: TrainConfig) -> int:
+    """Sequences per batch row: a preference pair is a chosen and a rejected one."""
+    return 2 if c.data.style.value == "preference" else 1
+
+
+def _batch_unit(c: TrainConfig, global_batch: int) -> str:
+    if _sides(c) == 1:
+        return f"{global_batch} sequences/step"
+    return f"{global_batch} pairs/step ({global_batch * 2} sequences)"
+
+
+def _reference_note(est: MemoryEstimate, work: Workload) -> str:
+    """The reference pass's forward beside the training's activations; the larger of the two is
+    what the total counts."""
+    if not work.reference_batch:
+        return ""
+    peak = "sets the peak" if est.reference_gib > est.activations_gib else "stays below it"
+    return (
+        f"; the reference pass before step 1 {peak}: {est.reference_gib:.2f} GiB for its "
+        f"{work.reference_batch} x {work.seq_len} tokens, no backward "
+        "(objective.reference_batch_size pairs per forward)"
+    )
+
+
+def objective_lines(plan: Plan) -> list[str]:
+    """The objective and, for DPO/IPO, the reference pass that runs before the first step:
+    what it scores, its compute beside the training's and its table's size on disk (its memory
+    is in the memory/GPU line)."""
     from bigscale.data.preference import REFERENCE_OBJECTIVES
 
+    c, data = plan.cfg, plan.shape.data
     o = c.objective
     if o.name.value == "sft":
         return []
     detail = "Bradley-Terry, one-score head" if o.name.value == "reward" else f"beta {o.beta:g}"
     lines = [f"objective       {o.name.value} ({detail})"]
-    if o.name in REFERENCE_OBJECTIVES:
-        pairs = f"the {data.rows:,} training pairs" if data is not None else "the training pairs"
-        lines.append(
-            f"reference       one forward (no backward) over {pairs} and the validation pairs "
-            f"before step 1, {o.reference_batch_size} pairs at a time; cached beside the "
-            "tokenized data, reused by reruns and resumes; no second model in memory"
+    if o.name not in REFERENCE_OBJECTIVES:
+        return lines
+    cost = ""
+    if data is None or data.validation_rows is None:
+        pairs = "the training and validation pairs"
+    else:
+        scored = data.rows + data.validation_rows
+        pairs = f"the {data.rows:,} training and {data.validation_rows:,} validation pairs"
+        # A training step runs forward and backward (about 2 forwards), plus one more forward
+        # with activation checkpointing; the pass runs one forward per pair, on every rank.
+        per_pair = 4 if c.model.gradient_checkpointing else 3
+        trained = plan.shape.max_steps * plan.global_batch
+        table = reference_table_bytes(data.rows) + reference_table_bytes(data.validation_rows)
+        share = scored / (per_pair * trained)
+        cost = (
+            f"; about {f'{share:.1f}x' if share >= 1 else f'{100 * share:.1f}% of'} the training's "
+            "compute "
+            f"({scored:,} pairs forwarded once against {trained:,} trained, a forward about "
+            f"1/{per_pair} of a training step); {_size(table)} on disk"
         )
+    lines.append(
+        f"reference       one forward (no backward) over {pairs} before step 1, "
+        f"{o.reference_batch_size} pairs at a time{cost}; cached beside the tokenized data, "
+        "reused by reruns and resumes; no second model in memory"
+    )
     return lines
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _split_note(s: StrategyConfig) -> str:

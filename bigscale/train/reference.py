@@ -30,7 +30,7 @@ import torch.distributed as dist
 from bigscale.config.schema import ObjectiveName, TrainConfig
 from bigscale.data.cache import cache_root
 from bigscale.data.pair_packing import padded_pair_collate
-from bigscale.data.preference import REFERENCE_OBJECTIVES
+from bigscale.data.preference import REFERENCE_OBJECTIVES, REFERENCE_TABLE_COLUMNS
 from bigscale.dist.engine import Engine
 from bigscale.dist.env import DistEnv
 from bigscale.logging import get_logger
@@ -101,7 +101,7 @@ def _compute(
     n = len(dataset)
     mine = _local_rows(n, env)
     batches = math.ceil(math.ceil(n / env.world_size) / batch_size)
-    table = torch.zeros(n, 2, dtype=torch.float64)
+    table = torch.zeros(n, REFERENCE_TABLE_COLUMNS, dtype=torch.float64)
     for b in range(batches):
         rows = mine[b * batch_size : (b + 1) * batch_size]
         real = len(rows)
@@ -151,7 +151,7 @@ def reference_tables(
     for split in (TRAIN, VALIDATION):
         dataset = splits[split]
         if len(dataset) == 0:
-            tables[split] = torch.zeros(0, 2, dtype=torch.float64)
+            tables[split] = torch.zeros(0, REFERENCE_TABLE_COLUMNS, dtype=torch.float64)
             continue
         path = cache / "reference" / f"{table_key(cfg, split_identity(dataset), precision)}.pt"
         if _agree(path.is_file(), env, engine.device):

@@ -1,10 +1,12 @@
 """bigscale on a real Slurm: `bigscale train launcher=slurm` submits a job that trains and
 finishes; a job warned with SIGUSR1 (what `--signal` sends before the time limit) checkpoints,
 requeues itself, resumes from that step into the same W&B run and ends with the same losses as
-the uninterrupted job; the requeue cap is respected."""
+the uninterrupted job; the requeue cap is respected. A DPO job requeued the same way resumes
+exactly from the reference table its first attempt computed, without a second reference pass."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from bigscale.data.tasks import arithmetic_rows
 from tests.cli import QUICK, env_for, explain, train_rows
 from tests.slurm.cluster import SlurmCluster
 
@@ -27,10 +30,11 @@ def _submit(
     run_dir: Path,
     *extra: str,
     env: dict[str, str] | None = None,
+    base: list[str] = JOB,
 ) -> str:
     args = ["train", "launcher=slurm", "launcher.nproc_per_node=2", f"run_dir={run_dir}"]
     proc = subprocess.run(
-        [sys.executable, "-m", "bigscale.cli", *args, *JOB, *extra],
+        [sys.executable, "-m", "bigscale.cli", *args, *base, *extra],
         cwd=cwd,
         env={**env_for(home), **cluster.env, **(env or {})},
         capture_output=True,
@@ -153,3 +157,88 @@ def test_requeue_cap_is_respected(
     assert slurm_cluster.restarts(job) == 0
     assert "has been requeued 0 time(s), launcher.max_requeues=0" in log, log[-6000:]
     assert not (run_dir / "export").exists()  # stopped early, not finished
+
+
+# DPO on a small file of pairs (an answer preferred over the same answer badly formatted), on
+# QUICK's steps without W&B: the claim is the reference table across a requeue, not logging.
+DPO = [
+    "objective=dpo",
+    "strategy=ddp",
+    "optim.lr=1e-3",
+    "data=preference_files",
+    "data.max_length=16",
+    "objective.reference_batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def dpo_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    work = tmp_path_factory.mktemp("slurm_dpo_data")
+    rows = arithmetic_rows(seed=3)
+    for name, part in (("train", rows[:256]), ("validation", rows[256:320])):
+        pairs = [
+            {"prompt": r["prompt"], "chosen": r["response"], "rejected": f"{r['response']}!?"}
+            for r in part
+        ]
+        (work / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return [
+        *DPO,
+        f"data.path={work / 'train.jsonl'}",
+        f"data.validation_path={work / 'validation.jsonl'}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def dpo_straight(
+    slurm_cluster: SlurmCluster, bigscale_home: Path, tmp_path_factory, dpo_args: list[str]
+) -> Path:
+    # A directory of its own: the reference table is cached beside the run directories
+    # (<run_dir>/../.tokenized), and the warned job must compute its own.
+    work = tmp_path_factory.mktemp("slurm_dpo_straight")
+    run_dir = work / "run"
+    job = _submit(slurm_cluster, bigscale_home, work, run_dir, *dpo_args, base=QUICK)
+    state = slurm_cluster.wait_job(job, timeout=400)
+    assert state == "COMPLETED", (state, _slurm_log(run_dir, job)[-6000:])
+    return run_dir
+
+
+def _reference_tables(cache: Path) -> dict[Path, int]:
+    """The cached reference tables and when each was written."""
+    return {p: p.stat().st_mtime_ns for p in cache.rglob("*.pt") if p.parent.name == "reference"}
+
+
+def _dpo_fields(run_dir: Path) -> list[tuple]:
+    keys = ("step", "loss", "grad_norm", "lr", "rewards/margin", "logps/chosen", "logps/rejected")
+    return [tuple(r[k] for k in keys) for r in train_rows(run_dir)]
+
+
+def test_requeued_dpo_job_resumes_exactly_without_a_second_reference_pass(
+    slurm_cluster: SlurmCluster,
+    dpo_straight: Path,
+    dpo_args: list[str],
+    bigscale_home: Path,
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    job = _submit(slurm_cluster, bigscale_home, tmp_path, run_dir, *dpo_args, base=QUICK)
+    _wait_for_checkpoint(slurm_cluster, job, run_dir, "step_00000008")
+    tables = _reference_tables(tmp_path / ".tokenized")
+    assert len(tables) == 2, tables  # the training and the validation pairs'
+    slurm_cluster.run(["scancel", "--signal=USR1", job])
+    state = slurm_cluster.wait_job(job, timeout=400)
+    log = _slurm_log(run_dir, job)
+    assert state == "COMPLETED", (state, log[-6000:])
+    assert slurm_cluster.restarts(job) == 1
+
+    stopped = re.search(r"stopped at step (\d+) on SIGUSR1: checkpoint saved; requeued", log)
+    assert stopped, log[-6000:]
+    step = int(stopped[1])
+    assert 8 <= step < 24
+    first, second = log[: stopped.end()], log[stopped.end() :]
+    assert re.search(rf"resumed from \S+step_{step:08d} at step {step}\b", second), log[-6000:]
+    # The first attempt scored the pairs; the requeued one read that table and scored nothing.
+    assert "reference pass: 256 train pairs scored" in first, first[-6000:]
+    assert "reference pass:" not in second, second[-6000:]
+    assert "reference log-probs of the train pairs read from" in second, second[-6000:]
+    assert _reference_tables(tmp_path / ".tokenized") == tables
+    assert _dpo_fields(run_dir) == _dpo_fields(dpo_straight)
