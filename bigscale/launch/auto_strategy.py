@@ -142,6 +142,16 @@ def choose_layout(
     smallest = min(estimates.values(), key=lambda m: m.total_gib)
     largest = max(sp_sizes)
     split = f" with sequences split across {largest} ranks" if largest > 1 else ""
+    if smallest.reference_gib > smallest.activations_gib:
+        # The one-off reference pass, not training, sets the peak: its batch is the fix.
+        raise ConfigError(
+            f"strategy=auto: no strategy fits. Even zero3_offload{split} needs about "
+            f"{smallest.total_gib:.1f} GiB per rank, {smallest.reference_gib:.1f} GiB of it the "
+            f"reference pass's forward of {work.reference_batch // 2} pairs (training's "
+            f"activations: {smallest.activations_gib:.1f} GiB) against {fits:.1f} GiB "
+            "available. Lower objective.reference_batch_size (or set model.loss_chunk_tokens, "
+            "which bounds the logits of both)."
+        )
     raise ConfigError(
         f"strategy=auto: no strategy fits. Even zero3_offload{split} needs "
         f"about {smallest.total_gib:.1f} GiB per rank ({smallest.activations_gib:.1f} GiB of it "

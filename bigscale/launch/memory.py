@@ -267,17 +267,17 @@ def reference_activations(shape: ModelShape, work: Workload, precision: Precisio
     ``work.seq_len`` tokens) under ``torch.no_grad``, where no layer keeps anything: the larger
     of one decoder layer's live values (measured on transformers' Llama: about 4h + 2kv + 3i
     per token, the residual stream and the MLP's gate, up and product at once) and the head's
-    moment (the final hidden states, then the logits in the compute dtype, their fp32 copy and
-    logsumexp's fp32 temporary in ``bigscale.train.objectives.sequence_logps``; one chunk's
-    worth with ``model.loss_chunk_tokens``). 0 without a reference pass."""
+    moment (the final hidden states, then the logits' fp32 copy and logsumexp's fp32 temporary
+    in ``bigscale.train.objectives.sequence_logps``, the compute-dtype logits freed by then; one
+    chunk's worth with ``model.loss_chunk_tokens``). 0 without a reference pass."""
     if not work.reference_batch:
         return 0.0
     elem = 2 if precision in (Precision.bf16, Precision.fp16) else 4
     tokens = work.reference_batch * work.seq_len
     layer = tokens * elem * (4 * shape.hidden + 2 * shape.kv_width + 3 * shape.intermediate)
-    upcast = 4 if elem != 4 else 0  # .float() is no copy in fp32
     logits = min(tokens, work.loss_chunk_tokens) if work.loss_chunk_tokens else tokens
-    head = tokens * elem * 2 * shape.hidden + logits * shape.vocab * (elem + upcast + 4)
+    # 8 bytes a logit: the fp32 copy and the temporary (bf16 logits go once copied).
+    head = tokens * elem * 2 * shape.hidden + logits * shape.vocab * 8
     return float(max(layer, head))
 
 
