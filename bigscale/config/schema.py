@@ -618,8 +618,10 @@ class ObjectiveConfig:
     lambda_: float = 0.1
     """ORPO only: weight of the odds-ratio term beside the SFT loss (the paper's lambda;
     typed ``objective.lambda_=...``: ``lambda`` is a Python keyword)."""
-    reference_batch_size: int = 32
-    """Pairs per forward of the reference pass (DPO, IPO), which runs once before training."""
+    reference_batch_size: int | None = None
+    """Pairs per forward of the reference pass (DPO, IPO), which runs once before training.
+    None: ``trainer.micro_batch_size``, whose training forward (with backward) already fits, so
+    the pass never needs more memory than training (``bigscale plan`` shows its peak)."""
 
 
 @dataclass

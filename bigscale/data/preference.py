@@ -50,6 +50,12 @@ plan read it as any split), the rejected side beside it, and the row's own index
 its precomputed reference log-probs."""
 
 
+def reference_pairs(cfg: TrainConfig) -> int:
+    """Pairs per forward of the reference pass: ``objective.reference_batch_size``, or the
+    training micro batch (the launcher's plan and the ranks read it here)."""
+    return cfg.objective.reference_batch_size or cfg.trainer.micro_batch_size
+
+
 def is_preference(cfg: TrainConfig) -> bool:
     return ObjectiveName(cfg.objective.name) in PREFERENCE_OBJECTIVES
 
@@ -87,7 +93,7 @@ def check_objective(cfg: TrainConfig) -> None:
         raise ConfigError(f"objective.gamma={o.gamma:g} must be 0 or positive")
     if o.lambda_ < 0:
         raise ConfigError(f"objective.lambda_={o.lambda_:g} must be 0 or positive")
-    if o.reference_batch_size < 1:
+    if o.reference_batch_size is not None and o.reference_batch_size < 1:
         raise ConfigError(
             f"objective.reference_batch_size={o.reference_batch_size} must be at least 1"
         )

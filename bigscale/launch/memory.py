@@ -43,7 +43,11 @@ from bigscale.config.schema import (
     StrategyConfig,
     TrainConfig,
 )
-from bigscale.data.preference import REFERENCE_OBJECTIVES, REFERENCE_TABLE_COLUMNS
+from bigscale.data.preference import (
+    REFERENCE_OBJECTIVES,
+    REFERENCE_TABLE_COLUMNS,
+    reference_pairs,
+)
 
 GIB = 1024**3
 
@@ -198,7 +202,7 @@ class Workload:
     """Where ``seq_len`` comes from, for the plan."""
     reference_batch: int = 0
     """Sequences per forward of the reference pass (DPO, IPO: both sides of
-    ``objective.reference_batch_size`` pairs, of at most ``seq_len`` tokens); 0: no such pass."""
+    ``reference_pairs`` pairs, of at most ``seq_len`` tokens); 0: no such pass."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, data: DataStats | None = None) -> Workload:
@@ -222,7 +226,7 @@ class Workload:
             checkpoint_every=m.checkpoint_every,
             loss_chunk_tokens=m.loss_chunk_tokens,
             seq_from=source,
-            reference_batch=2 * cfg.objective.reference_batch_size if reference else 0,
+            reference_batch=2 * reference_pairs(cfg) if reference else 0,
         )
 
 

@@ -296,7 +296,7 @@ def render(plan: Plan, with_memory: bool = True) -> str:
                 f"({work.micro_batch} x {work.seq_len} tokens: {work.seq_from}"
                 + _split_note(c.strategy)
                 + ")"
-                + _reference_note(est, work)
+                + _reference_note(c, est, work)
             )
             lines.append(_checkpoint_line(plan, est))
         else:
@@ -327,7 +327,7 @@ def _batch_unit(c: TrainConfig, global_batch: int) -> str:
     return f"{global_batch} pairs/step ({global_batch * 2} sequences)"
 
 
-def _reference_note(est: MemoryEstimate, work: Workload) -> str:
+def _reference_note(c: TrainConfig, est: MemoryEstimate, work: Workload) -> str:
     """The reference pass's forward beside the training's activations; the larger of the two is
     what the total counts."""
     if not work.reference_batch:
@@ -336,7 +336,7 @@ def _reference_note(est: MemoryEstimate, work: Workload) -> str:
     return (
         f"; the reference pass before step 1 {peak}: {est.reference_gib:.2f} GiB for its "
         f"{work.reference_batch} x {work.seq_len} tokens, no backward "
-        "(objective.reference_batch_size pairs per forward)"
+        f"(its pairs per forward: {_reference_batch(c)})"
     )
 
 
@@ -374,10 +374,19 @@ def objective_lines(plan: Plan) -> list[str]:
         )
     lines.append(
         f"reference       one forward (no backward) over {pairs} before step 1, "
-        f"{o.reference_batch_size} pairs at a time{cost}; cached beside the tokenized data, "
+        f"{_reference_batch(c)} at a time{cost}; cached beside the tokenized data, "
         "reused by reruns and resumes; no second model in memory"
     )
     return lines
+
+
+def _reference_batch(c: TrainConfig) -> str:
+    from bigscale.data.preference import reference_pairs
+
+    n = reference_pairs(c)
+    if c.objective.reference_batch_size is None:
+        return f"{n} pairs (trainer.micro_batch_size)"
+    return f"{n} pairs (objective.reference_batch_size)"
 
 
 def _size(n: int) -> str:

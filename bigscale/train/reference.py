@@ -30,7 +30,11 @@ import torch.distributed as dist
 from bigscale.config.schema import ObjectiveName, TrainConfig
 from bigscale.data.cache import cache_root
 from bigscale.data.pair_packing import padded_pair_collate
-from bigscale.data.preference import REFERENCE_OBJECTIVES, REFERENCE_TABLE_COLUMNS
+from bigscale.data.preference import (
+    REFERENCE_OBJECTIVES,
+    REFERENCE_TABLE_COLUMNS,
+    reference_pairs,
+)
 from bigscale.dist.engine import Engine
 from bigscale.dist.env import DistEnv
 from bigscale.logging import get_logger
@@ -165,7 +169,7 @@ def reference_tables(
             dataset,
             collate,
             env,
-            cfg.objective.reference_batch_size,
+            reference_pairs(cfg),
             cfg.model.loss_chunk_tokens,
         )
         engine.train(True)

@@ -128,7 +128,17 @@ def test_a_pair_batch_is_both_sides_and_the_reference_adds_no_model() -> None:
     assert (dpo.micro_batch, dpo.reference_batch) == (4, 6)  # pairs x (chosen, rejected)
     for name in ("simpo", "orpo", "reward"):  # reference-free
         assert Workload.from_config(_config(f"objective={name}")).reference_batch == 0
-    assert Workload.from_config(_config("objective=ipo")).reference_batch == 64
+    # By default the pass runs the training micro batch's pairs, as many as a training forward.
+    ipo = Workload.from_config(_config("objective=ipo", "trainer.micro_batch_size=5", *LONG))
+    assert (ipo.micro_batch, ipo.reference_batch) == (10, 10)
+    for shape in (LLAMA_1B, dataclasses.replace(LLAMA_1B, vocab=8)):
+        for chunk in (0, 256):
+            for checkpointing in (False, True):
+                work = dataclasses.replace(
+                    ipo, loss_chunk_tokens=chunk, checkpointing=checkpointing
+                )
+                zero3 = estimate(shape, auto_strategy.CANDIDATES["zero3"], Precision.bf16, 8, work)
+                assert zero3.reference_gib < zero3.activations_gib
     zero2 = auto_strategy.CANDIDATES["zero2"]
     ours = estimate(LLAMA_1B, zero2, Precision.bf16, 8, dpo)
     theirs = estimate(LLAMA_1B, zero2, Precision.bf16, 8, dataclasses.replace(dpo, seq_len=64))
@@ -152,7 +162,7 @@ def test_a_pair_batch_is_both_sides_and_the_reference_adds_no_model() -> None:
 #   2 SFT sequences (or 1 pair):  ddp 24.0, zero1 11.9, zero2 9.9, zero3 7.9 (activations 5.6)
 #   2 pairs (4 sequences):        ddp 29.6, zero1 17.5, zero2 15.5, zero3 13.5 (activations 11.2)
 #   the reference pass's forward of 1 pair: 3.9; of 4 pairs: 15.8 (then ddp 34.2, zero1 22.1);
-#   of 32 pairs (the default): 126
+#   of 32 pairs: 126
 DPO, REF = "objective=dpo", "objective.reference_batch_size"
 ONE, TWO = "trainer.micro_batch_size=1", "trainer.micro_batch_size=2"
 
@@ -181,7 +191,7 @@ def test_auto_sizes_a_preference_run_by_both_sides_and_the_reference_pass(
 
 
 def test_auto_names_the_reference_batch_when_the_reference_pass_does_not_fit() -> None:
-    cfg = _config(DPO, *LONG, ONE)  # the default: 32 pairs a forward
+    cfg = _config(DPO, *LONG, ONE, f"{REF}=32")
     work = Workload.from_config(cfg)
     fix = r"of it the reference pass's forward of 32 pairs.*objective\.reference_batch_size"
     with pytest.raises(ConfigError, match=fix):
@@ -239,7 +249,10 @@ def test_plan_prints_the_reference_pass_cost(
     plan = dataclasses.replace(plan, shape=derive(plan.cfg, plan.world_size, data))
     (line,) = [ln for ln in objective_lines(plan) if ln.startswith("reference")]
     trained = 50 * plan.global_batch
-    assert "over the 1,000 training and 100 validation pairs before step 1, 16 pairs at a" in line
+    assert (
+        "over the 1,000 training and 100 validation pairs before step 1, 16 pairs "
+        "(objective.reference_batch_size) at a time" in line
+    )
     assert f"about {100 * 1100 / (3 * trained):.1f}% of the training's compute" in line
     assert f"(1,100 pairs forwarded once against {trained:,} trained" in line
     disk = reference_table_bytes(1000) + reference_table_bytes(100)
@@ -255,3 +268,8 @@ def test_plan_prints_the_reference_pass_cost(
         "sets the peak" if est.reference_gib > est.activations_gib else "stays below it"
     )
     assert f"= {plan.global_batch} pairs/step ({2 * plan.global_batch} sequences)" in text
+    # Left unset, the pass takes the training micro batch's pairs and stays below its peak.
+    default = [o for o in overrides if not o.startswith(f"{REF}=")]
+    plan = make_plan(compose_config(default), default, hw=cpu)
+    assert "4 pairs (trainer.micro_batch_size) at a time" in "\n".join(objective_lines(plan))
+    assert "the reference pass before step 1 stays below it" in render(plan)
