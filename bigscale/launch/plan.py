@@ -336,7 +336,7 @@ def _reference_note(c: TrainConfig, est: MemoryEstimate, work: Workload) -> str:
     return (
         f"; the reference pass before step 1 {peak}: {est.reference_gib:.2f} GiB for its "
         f"{work.reference_batch} x {work.seq_len} tokens, no backward "
-        f"(its pairs per forward: {_reference_batch(c)})"
+        f"({_reference_batch(c)} a forward)"
     )
 
 
@@ -366,11 +366,11 @@ def objective_lines(plan: Plan) -> list[str]:
         trained = plan.shape.max_steps * plan.global_batch
         table = reference_table_bytes(data.rows) + reference_table_bytes(data.validation_rows)
         share = scored / (per_pair * trained)
+        amount = f"{share:.1f}x" if share >= 1 else f"{100 * share:.1f}% of"
         cost = (
-            f"; about {f'{share:.1f}x' if share >= 1 else f'{100 * share:.1f}% of'} the training's "
-            "compute "
-            f"({scored:,} pairs forwarded once against {trained:,} trained, a forward about "
-            f"1/{per_pair} of a training step); {_size(table)} on disk"
+            f"; about {amount} the training's compute ({scored:,} pairs forwarded once against "
+            f"{trained:,} trained, a forward about 1/{per_pair} of a training step); "
+            f"{_size(table)} on disk"
         )
     lines.append(
         f"reference       one forward (no backward) over {pairs} before step 1, "
@@ -381,12 +381,15 @@ def objective_lines(plan: Plan) -> list[str]:
 
 
 def _reference_batch(c: TrainConfig) -> str:
+    """``4 pairs of trainer.micro_batch_size``: the pass's batch and the key that sets it."""
     from bigscale.data.preference import reference_pairs
 
-    n = reference_pairs(c)
-    if c.objective.reference_batch_size is None:
-        return f"{n} pairs (trainer.micro_batch_size)"
-    return f"{n} pairs (objective.reference_batch_size)"
+    key = (
+        "trainer.micro_batch_size"
+        if c.objective.reference_batch_size is None
+        else ("objective.reference_batch_size")
+    )
+    return f"{reference_pairs(c)} pairs ({key})"
 
 
 def _size(n: int) -> str:
