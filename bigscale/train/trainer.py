@@ -30,7 +30,6 @@ from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.metrics.throughput import Window, mfu_formula, sync
 from bigscale.model.attention import separates_packed_documents
 from bigscale.model.load import load_model, load_tokenizer
-from bigscale.model.lora import apply_lora, save_adapter_config
 from bigscale.train import task_eval
 from bigscale.train.data_feed import DataFeed
 from bigscale.train.early_stop import EarlyStopper, generation_enabled
@@ -84,6 +83,8 @@ class Trainer:
                 type(model).__name__,
             )
         if cfg.finetune.method == FinetuneMethod.lora:
+            from bigscale.model.lora import apply_lora  # peft: imported by LoRA runs only
+
             model = apply_lora(
                 model, cfg.finetune, cfg.trainer.seed, cfg.model.gradient_checkpointing
             )
@@ -403,7 +404,10 @@ class Trainer:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
         save_generation_config(self.engine.module, directory / HF_SUBDIR)
         self.tokenizer.save_pretrained(directory / HF_SUBDIR)
-        save_adapter_config(self.engine.module, directory / HF_SUBDIR)
+        if self.cfg.finetune.method == FinetuneMethod.lora:
+            from bigscale.model.lora import save_adapter_config
+
+            save_adapter_config(self.engine.module, directory / HF_SUBDIR)
 
     def _train_row(self, stats: StepStats) -> dict[str, float]:
         row: dict[str, float] = {
