@@ -15,6 +15,7 @@ import torch.distributed as dist
 from bigscale.checkpoint.compat import changes, data_contents, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint, save_generation_config
 from bigscale.checkpoint.manager import META, CheckpointManager
+from bigscale.checkpoint.precheck import Precheck, checkpoint_root
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.derived import derive
 from bigscale.config.schema import FinetuneMethod, ObjectiveName, TrainConfig
@@ -54,7 +55,9 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path):
+    def __init__(
+        self, cfg: TrainConfig, env: DistEnv, run_dir: Path, precheck: Precheck | None = None
+    ):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.layout = layout_of(cfg.strategy, env.world_size)
         self.precision = resolve_precision(cfg.trainer.precision, Hardware.detect())
@@ -102,7 +105,9 @@ class Trainer:
         self.faults = Faults(env.rank)
         self.stop_signals = StopSignals()
         self.stop_requested = False
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
+        self.checkpoints = CheckpointManager(
+            checkpoint_root(run_dir), cfg.checkpoint, env, precheck=precheck
+        )
         self.early_stop = EarlyStopper(cfg.eval.early_stopping)
         # Before resuming: a reference pass must see the initial weights.
         from bigscale.train.reference import build_objective
