@@ -9,11 +9,9 @@ included, gets the real package."""
 
 from __future__ import annotations
 
-import importlib
 import importlib.abc
 import importlib.machinery
 import sys
-import threading
 from types import ModuleType
 
 # module -> the optional packages its own import should not load
@@ -60,28 +58,3 @@ def skip_unused_optional_imports() -> None:
     """Install the finder (once); before anything imports DeepSpeed."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
-
-
-# Imported by DeepSpeed itself, late: ZeRO-1/2 on the first gradient reduction, ZeRO-3 and the
-# bf16 optimizer while the engine is built. Importing it decorates Muon's kernels with
-# torch.compile, which loads TorchInductor (and networkx): 1 to 2 s of a resumed rank's start
-# on the dev box, serial, whether or not Muon is used.
-DEEPSPEED_LATE_IMPORTS = ("deepspeed.runtime.zero.muon.muon_optimizer",)
-
-
-def import_in_background(modules: tuple[str, ...] = DEEPSPEED_LATE_IMPORTS) -> threading.Thread:
-    """Import ``modules`` in a daemon thread while the caller goes on, once the caller's own
-    imports of their parents (torch, DeepSpeed) are done; the interpreter's per-module locks make
-    an importer that gets there first wait for the thread's import instead of repeating it. A
-    failure here is left for that importer to meet and report."""
-
-    def run() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:
-                return
-
-    thread = threading.Thread(target=run, name="bigscale-imports", daemon=True)
-    thread.start()
-    return thread

@@ -20,7 +20,6 @@ from bigscale.config.schema import TrainConfig
 from bigscale.config.validate import Hardware, validate
 from bigscale.dist.env import DistEnv
 from bigscale.errors import BigscaleError
-from bigscale.lazy_imports import import_in_background
 from bigscale.logging import get_logger, log_to_file_only, setup_logging
 from bigscale.quiet import quiet_third_party
 from bigscale.train import lease
@@ -62,7 +61,6 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
         # above do not need.
         from bigscale.train.trainer import Trainer
 
-        import_in_background()  # what DeepSpeed imports late, beside tokenizing and loading
         trainer = Trainer(cfg, env, run_dir, precheck=precheck)
         # Only once the resume decision passed: a refused resume leaves config.yaml describing
         # the checkpoints beside it.
