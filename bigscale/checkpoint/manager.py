@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from bigscale.checkpoint.async_writer import Background, FileWriter, HostPool
+from bigscale.checkpoint.precheck import Precheck
 from bigscale.checkpoint.select import (
     LATEST,
     MANIFEST,
@@ -64,8 +65,11 @@ class Stateful(Protocol):
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, cfg: CheckpointConfig, env: DistEnv):
+    def __init__(
+        self, root: Path, cfg: CheckpointConfig, env: DistEnv, precheck: Precheck | None = None
+    ):
         self.root, self.cfg, self.env = Path(root), cfg, env
+        self._precheck = precheck  # a check of the likely resume point, started early
         self._last_save = time.monotonic()
         self._last_saved_step = -1
         self._inflight: Background | None = None
@@ -277,7 +281,11 @@ class CheckpointManager:
 
     def _verify_dir(self, directory: Path) -> Problem | None:
         share = (self.env.rank, self.env.world_size)
-        problem = check_files(directory, self.cfg.verify, share)
+        checked, problem = False, None
+        if self._precheck is not None:
+            checked, problem = self._precheck.answer_for(directory, self.cfg.verify, share)
+        if not checked:
+            problem = check_files(directory, self.cfg.verify, share)
         found = [p for p in _all_gather(problem) if p]
         return Problem(directory.name, found[0]) if found else None
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from bigscale.checkpoint.precheck import checkpoint_root, start_precheck
 from bigscale.checkpoint.storage import check_writable
 from bigscale.config.compose import compose_config, to_yaml
 from bigscale.config.redact import redact_text
@@ -49,6 +50,10 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
         config_text = to_yaml(cfg)  # as composed, before the trainer derives anything
         if held is not None and held.note:
             log.info("%s", held.note)
+        # Hashing the likely resume point's files overlaps the imports and model loading below.
+        precheck = start_precheck(
+            checkpoint_root(run_dir), cfg.resume, cfg.checkpoint.verify, (env.rank, env.world_size)
+        )
         if env.is_main:
             prepare_assets(cfg)
         _barrier()
@@ -56,7 +61,7 @@ def run_rank(overrides: list[str]) -> dict[str, float]:
         # above do not need.
         from bigscale.train.trainer import Trainer
 
-        trainer = Trainer(cfg, env, run_dir)
+        trainer = Trainer(cfg, env, run_dir, precheck=precheck)
         # Only once the resume decision passed: a refused resume leaves config.yaml describing
         # the checkpoints beside it.
         if env.is_main:

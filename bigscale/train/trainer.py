@@ -15,6 +15,7 @@ import torch.distributed as dist
 from bigscale.checkpoint.compat import changes, data_contents, fingerprint
 from bigscale.checkpoint.export import HF_SUBDIR, export_checkpoint, save_generation_config
 from bigscale.checkpoint.manager import META, CheckpointManager
+from bigscale.checkpoint.precheck import Precheck, checkpoint_root
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.derived import derive
 from bigscale.config.schema import FinetuneMethod, ObjectiveName, TrainConfig
@@ -30,7 +31,6 @@ from bigscale.metrics.sinks import MetricsLogger, ProgressBar
 from bigscale.metrics.throughput import Window, mfu_formula, sync
 from bigscale.model.attention import separates_packed_documents
 from bigscale.model.load import load_model, load_tokenizer
-from bigscale.model.lora import apply_lora, save_adapter_config
 from bigscale.train import task_eval
 from bigscale.train.data_feed import DataFeed
 from bigscale.train.early_stop import EarlyStopper, generation_enabled
@@ -55,7 +55,9 @@ class StepStats:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, run_dir: Path):
+    def __init__(
+        self, cfg: TrainConfig, env: DistEnv, run_dir: Path, precheck: Precheck | None = None
+    ):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.layout = layout_of(cfg.strategy, env.world_size)
         self.precision = resolve_precision(cfg.trainer.precision, Hardware.detect())
@@ -84,6 +86,8 @@ class Trainer:
                 type(model).__name__,
             )
         if cfg.finetune.method == FinetuneMethod.lora:
+            from bigscale.model.lora import apply_lora  # peft: imported by LoRA runs only
+
             model = apply_lora(
                 model, cfg.finetune, cfg.trainer.seed, cfg.model.gradient_checkpointing
             )
@@ -101,7 +105,9 @@ class Trainer:
         self.faults = Faults(env.rank)
         self.stop_signals = StopSignals()
         self.stop_requested = False
-        self.checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint, env)
+        self.checkpoints = CheckpointManager(
+            checkpoint_root(run_dir), cfg.checkpoint, env, precheck=precheck
+        )
         self.early_stop = EarlyStopper(cfg.eval.early_stopping)
         # Before resuming: a reference pass must see the initial weights.
         from bigscale.train.reference import build_objective
@@ -403,7 +409,10 @@ class Trainer:
         self.engine.module.config.save_pretrained(directory / HF_SUBDIR)
         save_generation_config(self.engine.module, directory / HF_SUBDIR)
         self.tokenizer.save_pretrained(directory / HF_SUBDIR)
-        save_adapter_config(self.engine.module, directory / HF_SUBDIR)
+        if self.cfg.finetune.method == FinetuneMethod.lora:
+            from bigscale.model.lora import save_adapter_config
+
+            save_adapter_config(self.engine.module, directory / HF_SUBDIR)
 
     def _train_row(self, stats: StepStats) -> dict[str, float]:
         row: dict[str, float] = {
