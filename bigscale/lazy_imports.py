@@ -1,47 +1,101 @@
-"""Keep optional imports of third-party packages that bigscale never uses out of a process.
+"""Keep import-time work that bigscale never uses out of a process.
 
-``import deepspeed`` imports its autotuner, which tries ``import mlflow`` (and through it
-pandas, FastAPI, OpenTelemetry...) only so that an autotuning run could log to MLflow; bigscale
-never autotunes, and that one optional import was 1.7 s of a resumed rank's start on the dev
-box. The autotuner module alone is made to see MLflow as absent (its ``try: import mlflow``
-then sets ``has_mlflow = False``); any other importer, bigscale's own MLflow metrics sink
-included, gets the real package."""
+Two DeepSpeed modules do expensive work when they are imported, for features bigscale does not
+use:
+
+- ``import deepspeed`` imports its autotuner, which tries ``import mlflow`` (and through it
+  pandas, FastAPI, OpenTelemetry...) only so that an autotuning run could log to MLflow; bigscale
+  never autotunes, and that one optional import was 1.7 s of a resumed rank's start on the dev
+  box. The autotuner module alone is made to see MLflow as absent (its ``try: import mlflow``
+  then sets ``has_mlflow = False``); any other importer, bigscale's own MLflow metrics sink
+  included, gets the real package.
+- Every ZeRO stage imports DeepSpeed's Muon optimizer module at its first gradient reduction,
+  only for an ``isinstance`` check, and that module wraps its kernels in ``torch.compile`` at
+  import, which loads TorchInductor (seconds per rank). While that module is imported, its
+  ``@compiler.compile()`` decorator is made lazy: a kernel is handed to ``torch.compile`` on its
+  first call, so a run that uses Muon still gets the compiled kernels and one that does not never
+  loads the compiler.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import ModuleType
-
-# module -> the optional packages its own import should not load
-_SKIP_OPTIONAL = {"deepspeed.autotuning.autotuner": ("mlflow",)}
+from typing import Any
 
 
-class _WithoutOptional(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader, hidden: tuple[str, ...]):
-        self.loader, self.hidden = loader, hidden
+@contextmanager
+def _without(*names: str) -> Iterator[None]:
+    # A None entry makes `import name` raise ImportError at once, without searching.
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+def _compile_on_first_call() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        compiled: Callable[..., Any] | None = None
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                import torch
+
+                compiled = torch.compile(fn)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    return decorate
+
+
+@contextmanager
+def _lazy_deepspeed_compile() -> Iterator[None]:
+    from deepspeed.runtime import compiler
+
+    eager = compiler.compile
+    compiler.compile = _compile_on_first_call
+    try:
+        yield
+    finally:
+        compiler.compile = eager
+
+
+# module -> what its own import runs under
+_WHILE_IMPORTING: dict[str, Callable[[], Any]] = {
+    "deepspeed.autotuning.autotuner": lambda: _without("mlflow"),
+    "deepspeed.runtime.zero.muon.original_muon": _lazy_deepspeed_compile,
+}
+
+
+class _Guarded(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, guard: Callable[[], Any]):
+        self.loader, self.guard = loader, guard
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        # A None entry makes `import name` raise ImportError at once, without searching.
-        hidden = [name for name in self.hidden if name not in sys.modules]
-        for name in hidden:
-            sys.modules[name] = None  # type: ignore[assignment]
-        try:
+        with self.guard():
             self.loader.exec_module(module)
-        finally:
-            for name in hidden:
-                if name in sys.modules and sys.modules[name] is None:
-                    del sys.modules[name]
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        hidden = _SKIP_OPTIONAL.get(fullname)
-        if hidden is None:
+        guard = _WHILE_IMPORTING.get(fullname)
+        if guard is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -49,7 +103,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _WithoutOptional(spec.loader, hidden)
+                    spec.loader = _Guarded(spec.loader, guard)
                 return spec
         return None
 

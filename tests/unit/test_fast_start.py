@@ -91,3 +91,21 @@ def test_the_rank_entry_imports_neither_peft_nor_mlflow() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.split("\n")[-2] == "[] False"
+
+
+def test_zero_stages_check_for_muon_without_loading_the_compiler() -> None:
+    """Every ZeRO stage imports DeepSpeed's Muon module for an isinstance check; in a bigscale
+    process that import no longer loads TorchInductor, and Muon's kernels still run (compiled on
+    their first call)."""
+    code = (
+        "import sys, bigscale, torch;"
+        "from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam;"
+        "loaded = 'torch._inductor.compile_fx' in sys.modules;"
+        "from deepspeed.runtime.zero.muon.original_muon import zeropower_via_newtonschulz5 as ns;"
+        "g = torch.randn(8, 4);"
+        "print(loaded, ns(g, 5).shape == g.shape, ns.__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[-2] == "False True zeropower_via_newtonschulz5"
