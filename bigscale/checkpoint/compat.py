@@ -94,6 +94,14 @@ def _finetune(f: FinetuneConfig) -> dict[str, Any]:
     }
 
 
+SEQUENCE_AXIS, TENSOR_AXIS = AXES
+# Whether a resume may change each axis's size (the global batch staying). Ulysses splits
+# activations only: ZeRO partitions the weights and optimizer over every rank of the
+# sequence-data-parallel world, so another sequence-parallel size is another ZeRO world size,
+# which DeepSpeed's universal checkpoint re-partitions like any other.
+AXIS_MAY_CHANGE = {SEQUENCE_AXIS: True, TENSOR_AXIS: False}
+
+
 def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     now = current.get(GLOBAL_BATCH)
     same_global_batch = saved.get(GLOBAL_BATCH, now) == now
@@ -107,7 +115,7 @@ def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     ]
     # Absent means 1 (not recorded for plain data parallel, nor before the axes existed).
     for key in AXES:
-        if saved.get(key, 1) != current.get(key, 1):
+        if saved.get(key, 1) != current.get(key, 1) and not AXIS_MAY_CHANGE[key]:
             found.append(_describe(key, saved.get(key, 1), current.get(key, 1)))
     return found
 
@@ -118,11 +126,12 @@ def _describe(key: str, saved: Any, now: Any) -> str:
             f"the contents of {key.removeprefix(CONTENTS)} changed since the checkpoint was "
             f"written (content key {str(saved)[:12]} then, {str(now)[:12]} now)"
         )
-    if key in AXES:
+    if key == TENSOR_AXIS:
         return (
-            f"{key}: {saved!r} in the checkpoint, {now!r} now (bigscale resumes only on the "
-            f"layout that wrote a checkpoint; what may change is trainer.micro_batch_size, "
-            f"trainer.grad_accum and the number of data-parallel ranks, while the global batch "
-            f"stays; `bigscale export` reads a checkpoint of any layout)"
+            f"{key}: {saved!r} in the checkpoint, {now!r} now (a checkpoint resumes only on the "
+            "tensor-parallel size that wrote it, as each rank saved its slice of the weights; "
+            "what may change while the global batch stays is strategy.sequence_parallel_size, "
+            "the number of data-parallel ranks, trainer.micro_batch_size and "
+            "trainer.grad_accum; `bigscale export` reads a checkpoint of any layout)"
         )
     return f"{key}: {saved!r} in the checkpoint, {now!r} now"
