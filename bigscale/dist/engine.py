@@ -26,7 +26,12 @@ from transformers.integrations import HfDeepSpeedConfig
 from bigscale.config.derived import warmup_for
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.data.collate import model_inputs
-from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
+from bigscale.dist.ds_files import (
+    tensor_parallel_size,
+    universal_copy,
+    weights_only_loading,
+    zero_partitions,
+)
 from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
@@ -355,7 +360,10 @@ class Engine:
         source = Path(directory) / tag
         saved = zero_partitions(source)
         world = torch.distributed.get_world_size()
-        if saved in (0, world):
+        # ZeRO partitions over the ranks of one tensor slice (all of them without AutoTP; with
+        # Ulysses, every rank of the sequence-data-parallel world).
+        tp = max(1, int(self._engine.autotp_size()))
+        if tensor_parallel_size(source) == tp and saved in (0, world // tp):
             self._load(Path(directory), tag, universal=False)
             return
         if self._engine.zero_nvme_offload_optimizer():

@@ -147,21 +147,26 @@ def test_good_layouts_pass(tiny: Path) -> None:
     check([f"model.name_or_path={tiny}", *tp], 2)
 
 
-def test_resume_may_change_the_sequence_parallel_size_not_the_tensor_parallel_one() -> None:
+def test_resume_may_change_the_split_sizes_while_the_global_batch_stays() -> None:
     base = compose_config(["strategy=zero2"])
     split = compose_config(["strategy=zero2", "strategy.sequence_parallel_size=2"])
     sliced = compose_config(["strategy=zero2", "strategy.tensor_parallel_size=2"])
     assert changes(fingerprint(base, 2), fingerprint(base, 2)) == []
     # Same global batch: 2 ranks of plain data parallel, or 4 ranks as 2 x SP 2; one rank, or
-    # 2 ranks splitting its sequences. ZeRO re-partitions the state over the new world.
+    # 2 ranks splitting its sequences, or its weights; split sequences, then split weights.
     assert changes(fingerprint(base, 2), fingerprint(split, 4)) == []
     assert changes(fingerprint(split, 2), fingerprint(base, 1)) == []
+    assert changes(fingerprint(sliced, 2), fingerprint(base, 1)) == []
+    assert changes(fingerprint(split, 2), fingerprint(sliced, 2)) == []
     # 2 ranks no longer splitting sequences are 2 replicas: twice the global batch.
     found = changes(fingerprint(split, 2), fingerprint(base, 2))
     assert len(found) == 1 and found[0].startswith("global batch"), found
-    # Each tensor rank saved its own slice of the weights: only that size is refused.
-    found = changes(fingerprint(sliced, 2), fingerprint(base, 1))
+    # ZeRO stage 0 writes no partitioned optimizer files to build a universal checkpoint from.
+    ddp = compose_config(["strategy=ddp"])
+    ddp_sliced = compose_config(["strategy=ddp", "strategy.tensor_parallel_size=2"])
+    found = changes(fingerprint(ddp_sliced, 2), fingerprint(ddp, 1))
     assert len(found) == 1 and "tensor_parallel_size: 2 in the checkpoint, 1 now" in found[0]
+    assert "strategy=zero1 or zero2" in found[0] and "tensor_parallel_size=2;" in found[0]
     assert "strategy.sequence_parallel_size, the number of data-parallel ranks" in found[0]
 
 
