@@ -354,9 +354,10 @@ class Engine:
         """Restore model, optimizer and lr schedule, on this world size whatever the one that
         wrote the checkpoint. ZeRO stage 0 keeps the whole optimizer in one file, which loads on
         any number of ranks. A ZeRO-1/2/3 checkpoint partitioned over a different number of
-        ranks is converted once to DeepSpeed's universal format (by rank 0, into
-        ``<checkpoint>/universal``, renamed into place when complete and reused after) and
-        loaded from there, each rank taking its new partition."""
+        ranks, or sliced over another tensor-parallel size (AutoTP), is converted once to
+        DeepSpeed's universal format (by rank 0, into ``<checkpoint>/universal``, renamed into
+        place when complete and reused after) and loaded from there, each rank taking its new
+        partition and its new slice."""
         source = Path(directory) / tag
         saved = zero_partitions(source)
         world = torch.distributed.get_world_size()
