@@ -105,6 +105,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if s.sequence_parallel_size > 1:
+        # Read where no mpu is given: transformers' zero.Init under ZeRO-3 checks the batch
+        # against the whole world otherwise, and refuses the config (8 != 1 x 8 x 2).
+        ds["sequence_parallel_size"] = s.sequence_parallel_size
     if s.tensor_parallel_size > 1:
         # AutoTP training: DeepSpeed shards the linear layers over consecutive ranks.
         ds["tensor_parallel"] = {"autotp_size": s.tensor_parallel_size}

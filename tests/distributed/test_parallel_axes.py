@@ -76,6 +76,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
         ),
         "sp2": train(work / "sp2", bigscale_home, *SP2, *GENERATE),
         "tp2": train(work / "tp2", bigscale_home, *TP2, "export.at_end=true", *GENERATE),
+        # ZeRO-3 builds the model under zero.Init, which must know of the sequence ranks.
+        "sp2-zero3": train(
+            work / "sp2-zero3", bigscale_home, *SP2, "strategy=zero3", "checkpoint.every_steps=0"
+        ),
         # 4 ranks on 2 cores are slow: no checkpoint, evaluation only the final one.
         "dp2sp2": train(work / "dp2sp2", bigscale_home, *DP2_SP2, "checkpoint.every_steps=0"),
     }
@@ -127,6 +131,13 @@ def test_split_sequences_train_as_whole_ones(runs: dict[str, Path]) -> None:
     for step in one:
         assert sp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, sp2)
     assert eval_loss(runs["sp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+
+
+def test_split_sequences_under_zero3_train_as_whole_ones(runs: dict[str, Path]) -> None:
+    one, sp2 = losses(runs["one"]), losses(runs["sp2-zero3"])
+    assert list(sp2) == [1, 2, 3, 4]
+    for step in one:
+        assert sp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, sp2)
 
 
 def test_data_parallel_replicas_of_split_sequences_train_as_one_rank(

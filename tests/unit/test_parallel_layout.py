@@ -14,10 +14,11 @@ from bigscale.checkpoint.compat import changes, fingerprint
 from bigscale.cli import main as cli_main
 from bigscale.config.compose import compose_config
 from bigscale.config.derived import derive
-from bigscale.config.schema import TinyModelSpec
+from bigscale.config.schema import Precision, TinyModelSpec
 from bigscale.config.validate import Hardware, validate
 from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS, shard_batch
 from bigscale.data.tokenize import IGNORE_INDEX
+from bigscale.dist.engine import build_ds_config
 from bigscale.dist.layout import ParallelLayout
 from bigscale.errors import ConfigError
 from bigscale.model.tiny import create_tiny_model
@@ -33,6 +34,16 @@ def test_layout_groups_are_consecutive_ranks() -> None:
     tp = ParallelLayout(world_size=4, tp=2)
     assert tp.dp == 2 and tp.loss_divisor == 4 and tp.replica_ranks(3) == [2, 3]
     assert "2 data-parallel x 2 sequence-parallel = 4 ranks" in ParallelLayout(4, sp=2).describe()
+
+
+def test_zero3_model_init_is_told_the_sequence_parallel_ranks() -> None:
+    # transformers builds a ZeRO-3 model under zero.Init, which reads DeepSpeed's config without
+    # the sequence-parallel groups: the size in the config is how it divides the world.
+    cfg = compose_config(["strategy=zero3", "strategy.sequence_parallel_size=2"])
+    ds = build_ds_config(cfg, 4, Precision.fp32)
+    assert ds["sequence_parallel_size"] == 2
+    assert ds["train_batch_size"] == cfg.trainer.global_batch(4 // ds["sequence_parallel_size"])
+    assert "sequence_parallel_size" not in build_ds_config(compose_config([]), 4, Precision.fp32)
 
 
 def test_global_batch_counts_data_parallel_ranks_only() -> None:
