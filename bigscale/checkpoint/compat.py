@@ -5,7 +5,8 @@ resumed run something other than a continuation; the user gets the list of what 
 can say it is intended with ``checkpoint.allow_config_change=true``. Other settings (max_steps,
 logging, eval cadence) may change freely, and so may how the global batch is split into micro
 batch x accumulation x ranks, as long as the product stays: every step still takes the same
-samples, so a run may resume on another number of ranks.
+samples, so a run may resume on another number of ranks, and on another sequence- or
+tensor-parallel size (see ``_axis_may_change``).
 
 The data is compared by content as well as by path: new contents under an old path are another
 dataset. Its key is the one the tokenization cache names the data by (``files_fingerprint`` for
@@ -94,6 +95,20 @@ def _finetune(f: FinetuneConfig) -> dict[str, Any]:
     }
 
 
+SEQUENCE_AXIS, TENSOR_AXIS = AXES
+STAGE = "strategy.zero_stage"
+
+
+def _axis_may_change(key: str, saved: dict[str, Any]) -> bool:
+    """Whether a resume may change this axis's size (the global batch staying): both go through
+    DeepSpeed's universal checkpoint, which holds every parameter whole with its fp32 weights
+    and Adam moments. Ulysses does not split weights: ZeRO partitions them over every rank of
+    the sequence-data-parallel world, so another sequence-parallel size is only another ZeRO
+    world size. AutoTP's conversion merges each rank's slices from ZeRO's partitioned state,
+    which stage 0 does not write (its optimizer lives whole in each tensor rank's file)."""
+    return key == SEQUENCE_AXIS or saved.get(STAGE, 0) != 0
+
+
 def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     now = current.get(GLOBAL_BATCH)
     same_global_batch = saved.get(GLOBAL_BATCH, now) == now
@@ -107,7 +122,7 @@ def changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     ]
     # Absent means 1 (not recorded for plain data parallel, nor before the axes existed).
     for key in AXES:
-        if saved.get(key, 1) != current.get(key, 1):
+        if saved.get(key, 1) != current.get(key, 1) and not _axis_may_change(key, saved):
             found.append(_describe(key, saved.get(key, 1), current.get(key, 1)))
     return found
 
@@ -118,11 +133,14 @@ def _describe(key: str, saved: Any, now: Any) -> str:
             f"the contents of {key.removeprefix(CONTENTS)} changed since the checkpoint was "
             f"written (content key {str(saved)[:12]} then, {str(now)[:12]} now)"
         )
-    if key in AXES:
+    if key == TENSOR_AXIS:
         return (
-            f"{key}: {saved!r} in the checkpoint, {now!r} now (bigscale resumes only on the "
-            f"layout that wrote a checkpoint; what may change is trainer.micro_batch_size, "
-            f"trainer.grad_accum and the number of data-parallel ranks, while the global batch "
-            f"stays; `bigscale export` reads a checkpoint of any layout)"
+            f"{key}: {saved!r} in the checkpoint, {now!r} now (DeepSpeed's universal checkpoint, "
+            "which re-slices the weights, is built from ZeRO's partitioned optimizer files, and "
+            "ZeRO stage 0 writes none: the tensor-parallel size may change only for a checkpoint "
+            f"of strategy=zero1 or zero2, so resume with {key}={saved!r}; what may change here, "
+            "while the global batch stays, is strategy.sequence_parallel_size, the number of "
+            "data-parallel ranks, trainer.micro_batch_size and trainer.grad_accum; `bigscale "
+            "export` reads a checkpoint of any layout)"
         )
     return f"{key}: {saved!r} in the checkpoint, {now!r} now"

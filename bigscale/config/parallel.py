@@ -109,6 +109,12 @@ def _check_tensor_parallel(cfg: TrainConfig, tp: int) -> None:
         )
     config = model_config(cfg)
     if config is not None:
+        key = f"strategy.tensor_parallel_size={tp}"
+        from bigscale.dist.autotp_support import autotp_refusal, refusal_message
+
+        reason = autotp_refusal(config, cfg.model.trust_remote_code)
+        if reason:
+            raise ConfigError(refusal_message(key, cfg.model.name_or_path, config, reason))
         check_heads(config, tp, cfg.model.name_or_path, "strategy.tensor_parallel_size")
 
 

@@ -78,7 +78,37 @@ def _convert_to_universal(checkpoint: Path, out: Path) -> None:
     )
     sink = io.StringIO()
     with weights_only_loading(), redirect_stdout(sink), redirect_stderr(sink):
+        staged = _with_true_tensor_degree(checkpoint, out.parent / "staged")
+        args.input_folder = str(staged or checkpoint)
         ds_to_universal.main(args)
+
+
+PARALLEL_DIMS = "checkpoint_parallel_dimensions"
+
+
+def _with_true_tensor_degree(checkpoint: Path, staging: Path) -> Path | None:
+    """A view of ``checkpoint`` whose recorded tensor-parallel degree matches its files, or
+    None when it already does. DeepSpeed 0.19.8 records the Ulysses sequence-parallel size as
+    the tensor-parallel degree (the sequence-parallel state answers the model-parallel size
+    query) while writing one model-state file, as the weights are not split; its converter
+    then refuses the count. The view links every file and rewrites only the small model-state
+    file, without the module weights, which a universal load takes from the fp32 state."""
+    model_files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+    if len(model_files) != 1:
+        return None
+    states = _mmap_load(model_files[0])
+    dims = dict(states.get(PARALLEL_DIMS) or {})
+    if dims.get("pp_degree", 1) != 1 or dims.get("tp_degree", 1) == 1:
+        return None
+    staging.mkdir(parents=True)
+    for item in checkpoint.iterdir():
+        if item.is_file() and item != model_files[0]:
+            (staging / item.name).symlink_to(item.resolve())
+    torch.save(
+        {**states, "module": {}, PARALLEL_DIMS: {**dims, "tp_degree": 1}},
+        staging / model_files[0].name,
+    )
+    return staging
 
 
 @contextmanager

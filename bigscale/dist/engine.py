@@ -26,7 +26,12 @@ from transformers.integrations import HfDeepSpeedConfig
 from bigscale.config.derived import warmup_for
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.data.collate import model_inputs
-from bigscale.dist.ds_files import universal_copy, weights_only_loading, zero_partitions
+from bigscale.dist.ds_files import (
+    tensor_parallel_size,
+    universal_copy,
+    weights_only_loading,
+    zero_partitions,
+)
 from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
@@ -100,6 +105,10 @@ def build_ds_config(cfg: TrainConfig, world_size: int, precision: Precision) -> 
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if s.sequence_parallel_size > 1:
+        # Read where no mpu is given: transformers' zero.Init under ZeRO-3 checks the batch
+        # against the whole world otherwise, and refuses the config (8 != 1 x 8 x 2).
+        ds["sequence_parallel_size"] = s.sequence_parallel_size
     if s.tensor_parallel_size > 1:
         # AutoTP training: DeepSpeed shards the linear layers over consecutive ranks.
         ds["tensor_parallel"] = {"autotp_size": s.tensor_parallel_size}
@@ -349,13 +358,17 @@ class Engine:
         """Restore model, optimizer and lr schedule, on this world size whatever the one that
         wrote the checkpoint. ZeRO stage 0 keeps the whole optimizer in one file, which loads on
         any number of ranks. A ZeRO-1/2/3 checkpoint partitioned over a different number of
-        ranks is converted once to DeepSpeed's universal format (by rank 0, into
-        ``<checkpoint>/universal``, renamed into place when complete and reused after) and
-        loaded from there, each rank taking its new partition."""
+        ranks, or sliced over another tensor-parallel size (AutoTP), is converted once to
+        DeepSpeed's universal format (by rank 0, into ``<checkpoint>/universal``, renamed into
+        place when complete and reused after) and loaded from there, each rank taking its new
+        partition and its new slice."""
         source = Path(directory) / tag
         saved = zero_partitions(source)
         world = torch.distributed.get_world_size()
-        if saved in (0, world):
+        # ZeRO partitions over the ranks of one tensor slice (all of them without AutoTP; with
+        # Ulysses, every rank of the sequence-data-parallel world).
+        tp = max(1, int(self._engine.autotp_size()))
+        if tensor_parallel_size(source) == tp and saved in (0, world // tp):
             self._load(Path(directory), tag, universal=False)
             return
         if self._engine.zero_nvme_offload_optimizer():

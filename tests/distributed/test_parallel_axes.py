@@ -76,6 +76,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
         ),
         "sp2": train(work / "sp2", bigscale_home, *SP2, *GENERATE),
         "tp2": train(work / "tp2", bigscale_home, *TP2, "export.at_end=true", *GENERATE),
+        # ZeRO-3 builds the model under zero.Init, which must know of the sequence ranks.
+        "sp2-zero3": train(
+            work / "sp2-zero3", bigscale_home, *SP2, "strategy=zero3", "checkpoint.every_steps=0"
+        ),
         # 4 ranks on 2 cores are slow: no checkpoint, evaluation only the final one.
         "dp2sp2": train(work / "dp2sp2", bigscale_home, *DP2_SP2, "checkpoint.every_steps=0"),
     }
@@ -94,6 +98,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
         out[f"{name}-resumed"] = train(
             work / f"{name}-resumed", bigscale_home, *layout, f"resume={step2}"
         )
+    # And on the other layouts, same global batch, through DeepSpeed's universal checkpoint:
+    # the split sequences continue as split weights (SP 2 -> 1, TP 1 -> 2), the split weights
+    # on one rank holding everything (TP 2 -> 1, 2 ranks -> 1).
+    for name, source, layout in (
+        ("sp2-as-tp2", "sp2", TP2),
+        ("tp2-on-one", "tp2", ["launcher.nproc_per_node=1"]),
+    ):
+        step2 = out[source] / "checkpoints" / "step_00000002"
+        out[name] = train(work / name, bigscale_home, *layout, f"resume={step2}")
     return out
 
 
@@ -118,6 +131,13 @@ def test_split_sequences_train_as_whole_ones(runs: dict[str, Path]) -> None:
     for step in one:
         assert sp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, sp2)
     assert eval_loss(runs["sp2"]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+
+
+def test_split_sequences_under_zero3_train_as_whole_ones(runs: dict[str, Path]) -> None:
+    one, sp2 = losses(runs["one"]), losses(runs["sp2-zero3"])
+    assert list(sp2) == [1, 2, 3, 4]
+    for step in one:
+        assert sp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, sp2)
 
 
 def test_data_parallel_replicas_of_split_sequences_train_as_one_rank(
@@ -200,17 +220,32 @@ def test_resume_under_split_layouts_is_exact(runs: dict[str, Path], layout: str)
     assert eval_loss(runs[f"{layout}-resumed"]) == eval_loss(runs[layout])
 
 
-def test_resume_on_another_layout_is_refused(runs: dict[str, Path], bigscale_home: Path) -> None:
-    step2 = runs["sp2"] / "checkpoints" / "step_00000002"
-    # Same global batch (4 x 2 x 1 data-parallel rank), sequences no longer split.
+@pytest.mark.parametrize("layout", ["sp2-as-tp2", "tp2-on-one"])
+def test_resume_on_another_layout_continues_the_run(runs: dict[str, Path], layout: str) -> None:
+    resumed, one = losses(runs[layout]), losses(runs["one"])
+    assert list(resumed) == [3, 4]
+    # Restored the step-2 weights and Adam moments: a layout that lost the moments, or took
+    # a slice as the whole weight, would be off by far more than float32 rounding.
+    for step in resumed:
+        assert resumed[step] == pytest.approx(one[step], rel=1e-6, abs=1e-7), (one, resumed)
+    assert eval_loss(runs[layout]) == pytest.approx(eval_loss(runs["one"]), rel=1e-5)
+    assert "resumed from" in (runs[layout] / "train.log").read_text()
+
+
+def test_resume_on_another_layout_must_keep_the_global_batch(
+    runs: dict[str, Path], bigscale_home: Path
+) -> None:
+    checkpoints = runs["sp2"] / "checkpoints"
+    before = {p: p.stat().st_mtime_ns for p in checkpoints.rglob("*")}
+    step2 = checkpoints / "step_00000002"
+    # The 2 ranks no longer split sequences: 2 replicas of 1 x 8 double the global batch.
     proc = bigscale(
         ["train", f"run_dir={runs['sp2'].parent / 'relayout'}", *ARGS, f"resume={step2}"],
         cwd=runs["sp2"].parent,
         home=bigscale_home,
     )
-    assert_user_error(
-        proc, "strategy.sequence_parallel_size: 2 in the checkpoint, 1 now", "global batch"
-    )
+    assert_user_error(proc, "global batch (micro_batch_size x grad_accum x ranks): 8 in the")
+    assert {p: p.stat().st_mtime_ns for p in checkpoints.rglob("*")} == before
 
 
 def test_sequence_parallel_with_zero_stage_0_is_refused_before_any_rank(

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import GPT2Config
 
 from bigscale.checkpoint.compat import changes, fingerprint
+from bigscale.cli import main as cli_main
 from bigscale.config.compose import compose_config
 from bigscale.config.derived import derive
-from bigscale.config.schema import TinyModelSpec
+from bigscale.config.schema import Precision, TinyModelSpec
 from bigscale.config.validate import Hardware, validate
 from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS, shard_batch
 from bigscale.data.tokenize import IGNORE_INDEX
+from bigscale.dist.engine import build_ds_config
 from bigscale.dist.layout import ParallelLayout
 from bigscale.errors import ConfigError
 from bigscale.model.tiny import create_tiny_model
@@ -31,6 +34,16 @@ def test_layout_groups_are_consecutive_ranks() -> None:
     tp = ParallelLayout(world_size=4, tp=2)
     assert tp.dp == 2 and tp.loss_divisor == 4 and tp.replica_ranks(3) == [2, 3]
     assert "2 data-parallel x 2 sequence-parallel = 4 ranks" in ParallelLayout(4, sp=2).describe()
+
+
+def test_zero3_model_init_is_told_the_sequence_parallel_ranks() -> None:
+    # transformers builds a ZeRO-3 model under zero.Init, which reads DeepSpeed's config without
+    # the sequence-parallel groups: the size in the config is how it divides the world.
+    cfg = compose_config(["strategy=zero3", "strategy.sequence_parallel_size=2"])
+    ds = build_ds_config(cfg, 4, Precision.fp32)
+    assert ds["sequence_parallel_size"] == 2
+    assert ds["train_batch_size"] == cfg.trainer.global_batch(4 // ds["sequence_parallel_size"])
+    assert "sequence_parallel_size" not in build_ds_config(compose_config([]), 4, Precision.fp32)
 
 
 def test_global_batch_counts_data_parallel_ranks_only() -> None:
@@ -106,6 +119,37 @@ def test_bad_layouts_are_refused_with_the_fix(
         assert fragment in str(err.value)
 
 
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2 config (no weights): DeepSpeed's AutoTP refuses the architecture."""
+    path = tmp_path_factory.mktemp("models") / "gpt2"
+    GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=101, n_positions=64).save_pretrained(path)
+    return path
+
+
+def test_tensor_parallel_refuses_a_model_autotp_cannot_shard(gpt2: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        check([f"model.name_or_path={gpt2}", "strategy.tensor_parallel_size=2"], 2)
+    message = str(err.value)
+    assert f"strategy.tensor_parallel_size=2 cannot shard {gpt2} (model_type gpt2)" in message
+    assert "GPT2LMHeadModel has no tensor-parallel plan" in message
+    assert "e.g. llama" in message and "strategy.tensor_parallel_size=1" in message
+    assert "\n" not in message
+    # The same model without tensor parallelism is fine.
+    check([f"model.name_or_path={gpt2}"], 2)
+
+
+def test_cli_refuses_autotp_on_gpt2_in_one_line(
+    gpt2: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    overrides = ["experiment=arithmetic", "strategy=zero2", f"model.name_or_path={gpt2}"]
+    tp = ["strategy.tensor_parallel_size=2", "launcher.nproc_per_node=2"]
+    assert cli_main(["plan", *overrides, *tp, "run_dir=r"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: strategy.tensor_parallel_size=2"), err
+    assert "model_type gpt2" in err[0]
+
+
 def test_good_layouts_pass(tiny: Path) -> None:
     check([f"model.name_or_path={tiny}", "strategy.sequence_parallel_size=2"], 4)
     check([f"model.name_or_path={tiny}", "strategy.sequence_parallel_size=4"], 4)
@@ -114,14 +158,27 @@ def test_good_layouts_pass(tiny: Path) -> None:
     check([f"model.name_or_path={tiny}", *tp], 2)
 
 
-def test_resume_on_another_layout_is_refused_naming_what_may_change() -> None:
+def test_resume_may_change_the_split_sizes_while_the_global_batch_stays() -> None:
     base = compose_config(["strategy=zero2"])
     split = compose_config(["strategy=zero2", "strategy.sequence_parallel_size=2"])
-    # Same global batch: 2 ranks of plain data parallel, or 4 ranks as 2 x SP 2.
+    sliced = compose_config(["strategy=zero2", "strategy.tensor_parallel_size=2"])
     assert changes(fingerprint(base, 2), fingerprint(base, 2)) == []
-    found = changes(fingerprint(base, 2), fingerprint(split, 4))
-    assert len(found) == 1 and "sequence_parallel_size: 1 in the checkpoint, 2 now" in found[0]
-    assert "data-parallel ranks" in found[0]
+    # Same global batch: 2 ranks of plain data parallel, or 4 ranks as 2 x SP 2; one rank, or
+    # 2 ranks splitting its sequences, or its weights; split sequences, then split weights.
+    assert changes(fingerprint(base, 2), fingerprint(split, 4)) == []
+    assert changes(fingerprint(split, 2), fingerprint(base, 1)) == []
+    assert changes(fingerprint(sliced, 2), fingerprint(base, 1)) == []
+    assert changes(fingerprint(split, 2), fingerprint(sliced, 2)) == []
+    # 2 ranks no longer splitting sequences are 2 replicas: twice the global batch.
+    found = changes(fingerprint(split, 2), fingerprint(base, 2))
+    assert len(found) == 1 and found[0].startswith("global batch"), found
+    # ZeRO stage 0 writes no partitioned optimizer files to build a universal checkpoint from.
+    ddp = compose_config(["strategy=ddp"])
+    ddp_sliced = compose_config(["strategy=ddp", "strategy.tensor_parallel_size=2"])
+    found = changes(fingerprint(ddp_sliced, 2), fingerprint(ddp, 1))
+    assert len(found) == 1 and "tensor_parallel_size: 2 in the checkpoint, 1 now" in found[0]
+    assert "strategy=zero1 or zero2" in found[0] and "tensor_parallel_size=2;" in found[0]
+    assert "strategy.sequence_parallel_size, the number of data-parallel ranks" in found[0]
 
 
 def test_slices_shift_labels_before_the_cut_and_pad_to_a_multiple() -> None:
