@@ -6,9 +6,7 @@ trainer needs: forward, backward, step, gathered weights for export."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import math
 import os
@@ -26,13 +24,13 @@ from transformers.integrations import HfDeepSpeedConfig
 from bigscale.config.derived import warmup_for
 from bigscale.config.schema import OptimConfig, Precision, TrainConfig
 from bigscale.data.collate import model_inputs
+from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS
 from bigscale.dist.ds_files import (
     tensor_parallel_size,
     universal_copy,
     weights_only_loading,
     zero_partitions,
 )
-from bigscale.data.shard import LOSS_TOKENS, SHIFT_LABELS
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
 
@@ -50,16 +48,26 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 30.0) -> None:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
-    # DeepSpeed prints its op-build line ("... shm_comm_op built successfully") from every rank;
-    # the first rank's copy is enough.
-    quiet = contextlib.redirect_stdout(io.StringIO()) if env.rank else contextlib.nullcontext()
-    with quiet:
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            verbose=False,
-            timeout=timedelta(minutes=timeout_minutes),
-        )
+    _skip_shared_memory_all_reduce()
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        verbose=False,
+        timeout=timedelta(minutes=timeout_minutes),
+    )
+
+
+def _skip_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU backend JIT-builds and loads a C++ shared-memory all-reduce when it joins
+    the group. Only its inference all-reduce uses it (AutoTP layers under ``torch.no_grad``), and
+    that falls back to the process group's all-reduce without it; bigscale trains and evaluates
+    correctly either way. The op costs a C++ build on a new machine (and again whenever the
+    DeepSpeed install moves: the build is keyed on its source paths), 1.7 s of loading in every
+    rank of every run, and a process killed during the build leaves a lock file that every later
+    rank waits on forever, silently."""
+    import deepspeed.comm.torch as ds_torch_comm
+
+    ds_torch_comm.build_shm_op = lambda: None
 
 
 def _free_port() -> int:
@@ -312,7 +320,9 @@ class Engine:
         own partition)."""
         # One read of each weight, no temporary the size of the model (isfinite's mask): a NaN
         # or inf propagates into the fp32 sum; finite weights overflow it only past 3e38.
-        sums = [getattr(p, "ds_tensor", p).sum(dtype=torch.float32) for p in self.module.parameters()]
+        sums = [
+            getattr(p, "ds_tensor", p).sum(dtype=torch.float32) for p in self.module.parameters()
+        ]
         bad = torch.tensor([0.0 if not sums else float(~torch.stack(sums).isfinite().all())])
         if torch.distributed.is_initialized():
             bad = bad.to(self.device)

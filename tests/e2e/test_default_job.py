@@ -49,7 +49,7 @@ def test_first_screen_is_clean(default_run) -> None:
     proc, _ = default_run
     out = proc.stdout + proc.stderr
     assert "FutureWarning" not in out
-    assert out.count("built successfully") <= 1  # DeepSpeed's op build, from one rank at most
+    assert "built successfully" not in out  # no DeepSpeed op is built or loaded for this job
     assert "\r" not in proc.stderr  # not a terminal: whole progress lines
     assert re.search(r"^train: +100%.* 30/30 ", proc.stderr, re.M)
 
