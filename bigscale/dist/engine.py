@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import importlib
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -65,9 +66,9 @@ def _skip_shared_memory_all_reduce() -> None:
     DeepSpeed install moves: the build is keyed on its source paths), 1.7 s of loading in every
     rank of every run, and a process killed during the build leaves a lock file that every later
     rank waits on forever, silently."""
-    import deepspeed.comm.torch as ds_torch_comm
-
-    ds_torch_comm.build_shm_op = lambda: None
+    # By name: `import deepspeed.comm.torch as m` binds the torch package, which deepspeed.comm
+    # re-exports under that attribute.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,20 @@ def test_zero_stages_check_for_muon_without_loading_the_compiler() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout.split("\n")[-2] == "False True zeropower_via_newtonschulz5"
+
+
+def test_ranks_join_the_group_without_deepspeeds_shared_memory_op() -> None:
+    """DeepSpeed's CPU backend would build (C++, on a new machine) and load its shared-memory
+    all-reduce in every rank; a rank of bigscale joins its group without it."""
+    code = (
+        "from bigscale.dist.env import DistEnv;"
+        "from bigscale.dist.engine import init_distributed;"
+        "init_distributed(DistEnv.from_environ());"
+        "from deepspeed.comm import comm;"
+        "print(comm.cdb.shm_comm_op is None, comm.cdb.is_initialized())"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[-2] == "True True", out.stdout + out.stderr
