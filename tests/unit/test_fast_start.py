@@ -80,6 +80,16 @@ def test_the_precheck_answers_only_for_what_it_checked_and_only_once(tmp_path: P
     assert start_precheck(tmp_path / "none", "auto", True, (0, 1)) is None
 
 
+def _last_line_printed(code: str) -> str:
+    """What ``code`` prints last, run in a fresh interpreter: imports are per process. A lone
+    process, whatever launched pytest (no torchrun rank variables)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    )
+    return out.stdout.split("\n")[-2]
+
+
 def test_the_rank_entry_imports_neither_peft_nor_mlflow() -> None:
     """What ``python -m bigscale.train`` imports before its first step, for a full fine-tune
     without MLflow logging: DeepSpeed (whose autotuner would import MLflow) and the trainer."""
@@ -88,10 +98,7 @@ def test_the_rank_entry_imports_neither_peft_nor_mlflow() -> None:
         "import deepspeed.autotuning.autotuner as a;"
         "print(sorted(m for m in ('peft', 'mlflow') if m in sys.modules), a.has_mlflow)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.split("\n")[-2] == "[] False"
+    assert _last_line_printed(code) == "[] False"
 
 
 def test_zero_stages_check_for_muon_without_loading_the_compiler() -> None:
@@ -106,10 +113,7 @@ def test_zero_stages_check_for_muon_without_loading_the_compiler() -> None:
         "g = torch.randn(8, 4);"
         "print(loaded, ns(g, 5).shape == g.shape, ns.__name__)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.split("\n")[-2] == "False True zeropower_via_newtonschulz5"
+    assert _last_line_printed(code) == "False True zeropower_via_newtonschulz5"
 
 
 def test_ranks_join_the_group_without_deepspeeds_shared_memory_op() -> None:
@@ -122,8 +126,4 @@ def test_ranks_join_the_group_without_deepspeeds_shared_memory_op() -> None:
         "from deepspeed.comm import comm;"
         "print(comm.cdb.shm_comm_op is None, comm.cdb.is_initialized())"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.split("\n")[-2] == "True True", out.stdout + out.stderr
+    assert _last_line_printed(code) == "True True"
