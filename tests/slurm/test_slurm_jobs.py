@@ -63,6 +63,21 @@ def _slurm_log(run_dir: Path, job: str) -> str:
     return (run_dir / f"slurm-{job}.out").read_text()
 
 
+def _warn_and_requeue(cluster: SlurmCluster, job: str, run_dir: Path) -> tuple[str, re.Match]:
+    """SIGUSR1 to a running job (what ``--signal`` sends before the time limit): it must stop
+    between steps 8 and 24 with a checkpoint, requeue once and complete. Returns its log and the
+    match of the stop line."""
+    cluster.run(["scancel", "--signal=USR1", job])
+    state = cluster.wait_job(job, timeout=400)
+    log = _slurm_log(run_dir, job)
+    assert state == "COMPLETED", (state, log[-6000:])
+    assert cluster.restarts(job) == 1
+    stopped = re.search(r"stopped at step (\d+) on SIGUSR1: checkpoint saved; requeued", log)
+    assert stopped, log[-6000:]
+    assert 8 <= int(stopped[1]) < 24
+    return log, stopped
+
+
 def _fields(run_dir: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in train_rows(run_dir)]
 
@@ -121,16 +136,8 @@ def test_warned_job_checkpoints_requeues_and_resumes_exactly(
         env={"MY_API_KEY": SENTINELS[1]},
     )
     _wait_for_checkpoint(slurm_cluster, job, run_dir, "step_00000008")
-    slurm_cluster.run(["scancel", "--signal=USR1", job])
-    state = slurm_cluster.wait_job(job, timeout=400)
-    log = _slurm_log(run_dir, job)
-    assert state == "COMPLETED", (state, log[-6000:])
-    assert slurm_cluster.restarts(job) == 1
-
-    stopped = re.search(r"stopped at step (\d+) on SIGUSR1: checkpoint saved; requeued", log)
-    assert stopped, log[-6000:]
+    log, stopped = _warn_and_requeue(slurm_cluster, job, run_dir)
     step = int(stopped[1])
-    assert 8 <= step < 24
     assert re.search(rf"resumed from \S+step_{step:08d} at step {step}\b", log), log[-6000:]
     # The requeued job is the run directory's owner still (the same job id), and let it go at
     # the end.
@@ -224,16 +231,8 @@ def test_requeued_dpo_job_resumes_exactly_without_a_second_reference_pass(
     _wait_for_checkpoint(slurm_cluster, job, run_dir, "step_00000008")
     tables = _reference_tables(tmp_path / ".tokenized")
     assert len(tables) == 2, tables  # the training and the validation pairs'
-    slurm_cluster.run(["scancel", "--signal=USR1", job])
-    state = slurm_cluster.wait_job(job, timeout=400)
-    log = _slurm_log(run_dir, job)
-    assert state == "COMPLETED", (state, log[-6000:])
-    assert slurm_cluster.restarts(job) == 1
-
-    stopped = re.search(r"stopped at step (\d+) on SIGUSR1: checkpoint saved; requeued", log)
-    assert stopped, log[-6000:]
+    log, stopped = _warn_and_requeue(slurm_cluster, job, run_dir)
     step = int(stopped[1])
-    assert 8 <= step < 24
     first, second = log[: stopped.end()], log[stopped.end() :]
     assert re.search(rf"resumed from \S+step_{step:08d} at step {step}\b", second), log[-6000:]
     # The first attempt scored the pairs; the requeued one read that table and scored nothing.
