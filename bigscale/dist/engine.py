@@ -7,8 +7,8 @@ trainer needs: forward, backward, step, gathered weights for export."""
 from __future__ import annotations
 
 import copy
-import json
 import importlib
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
