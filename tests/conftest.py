@@ -73,3 +73,16 @@ def smollm2_dir(bigscale_home: Path) -> Path:
 
     with mock.patch.dict(os.environ, {"BIGSCALE_HOME": str(bigscale_home)}):
         return ensure_converted(ModelConfig(**SMOLLM2))
+
+
+@pytest.fixture
+def own_home(tmp_path: Path, smollm2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A BIGSCALE_HOME of the test's own (generated data, leases) that already holds the session's
+    converted SmolLM2: planning the default job reads the model's config and tokenizer, and
+    dequantizing the GGUF file again in every test cost 20-40 s each."""
+    home = tmp_path / "home"
+    gguf = home / "models" / "gguf"
+    gguf.mkdir(parents=True)
+    (gguf / smollm2_dir.name).symlink_to(smollm2_dir, target_is_directory=True)
+    monkeypatch.setenv("BIGSCALE_HOME", str(home))
+    return home

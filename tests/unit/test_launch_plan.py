@@ -27,8 +27,7 @@ TWO_NODES = ["launcher=multinode", "launcher.nnodes=2", "launcher.rdzv_endpoint=
 
 
 @pytest.fixture(autouse=True)
-def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
+def _home(tmp_path: Path, own_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
