@@ -55,7 +55,6 @@ SP2 = ["strategy.sequence_parallel_size=2", "launcher.nproc_per_node=2"]
 TP2 = ["strategy.tensor_parallel_size=2", "launcher.nproc_per_node=2"]
 # 2 replicas x 2 sequence ranks; half the accumulation keeps the global batch at 1 x 8 x 1.
 SPLIT_HALF_ACCUM = ["strategy.sequence_parallel_size=2", "trainer.grad_accum=4"]
-DP2_SP2 = [*SPLIT_HALF_ACCUM, "launcher.nproc_per_node=4"]
 # The held-out generation eval, small: a tensor group generates its prompts together, and under
 # sequence parallelism each rank generates whole sequences of its own.
 GENERATE = ["eval.exact_match=true", "eval.max_examples=8"]
@@ -80,11 +79,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path) -> dict[
         "sp2-zero3": train(
             work / "sp2-zero3", bigscale_home, *SP2, "strategy=zero3", "checkpoint.every_steps=0"
         ),
-        # 4 ranks on 2 cores are slow: no checkpoint, evaluation only the final one.
-        "dp2sp2": train(work / "dp2sp2", bigscale_home, *DP2_SP2, "checkpoint.every_steps=0"),
     }
-    # The same 4 ranks as 2 "nodes" of 2 on loopback (real torchrun rendezvous): each node's
-    # ranks are one sequence group, the replicas meet across nodes.
+    # 2 data-parallel replicas x 2 sequence ranks, as 2 "nodes" of 2 on loopback (real torchrun
+    # rendezvous): each node's ranks are one sequence group, the replicas meet across nodes.
+    # 4 ranks on 2 cores are slow: no checkpoint, evaluation only the final one.
     out["nodes"] = work / "nodes"
     texts = run_two_nodes(
         [f"run_dir={out['nodes']}", *ARGS, *SPLIT_HALF_ACCUM, "checkpoint.every_steps=0"],
@@ -140,25 +138,19 @@ def test_split_sequences_under_zero3_train_as_whole_ones(runs: dict[str, Path]) 
         assert sp2[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, sp2)
 
 
-def test_data_parallel_replicas_of_split_sequences_train_as_one_rank(
+def test_data_parallel_replicas_of_split_sequences_on_two_nodes_train_as_one_rank(
     runs: dict[str, Path],
 ) -> None:
-    one, dpsp = losses(runs["one"]), losses(runs["dp2sp2"])
+    one, dpsp = losses(runs["one"]), losses(runs["nodes"])
     assert list(dpsp) == [1, 2, 3, 4]
     for step in one:
         assert dpsp[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (one, dpsp)
     # Each replica counts its rows once, not once per sequence rank.
-    share = [r["real_token_share"] for r in train_rows(runs["dp2sp2"])]
+    share = [r["real_token_share"] for r in train_rows(runs["nodes"])]
     assert share == pytest.approx([r["real_token_share"] for r in train_rows(runs["one"])])
-    assert real_tokens_per_step(runs["dp2sp2"]) == pytest.approx(real_tokens_per_step(runs["one"]))
-
-
-def test_sequence_groups_inside_each_of_two_nodes_train_as_one_node(
-    runs: dict[str, Path],
-) -> None:
-    # Same world, same global ranks, same groups: the same run to the bit, whichever process
-    # hosts a rank; a group spanning the nodes or a node training alone would change it.
-    assert losses(runs["nodes"]) == losses(runs["dp2sp2"])
+    assert real_tokens_per_step(runs["nodes"]) == pytest.approx(real_tokens_per_step(runs["one"]))
+    # The sequence groups are the nodes' own ranks: a group spanning the nodes, or a node
+    # training alone, would print another layout or change the losses.
     text = (runs["nodes"] / "nodes-output.txt").read_text()
     assert "2 data-parallel x 2 sequence-parallel = 4 ranks" in text
     assert "node.sh: node 1 of 2" in text
