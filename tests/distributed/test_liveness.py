@@ -174,11 +174,15 @@ def test_stopped_rank_ends_the_job_naming_it(
     """SIGSTOP leaves a rank alive but silent, with rank 0 waiting in a collective (ZeRO-2's
     gradient all-reduce had no bound; ZeRO-3 also gathers parameters in the forward); the
     watchdog must end the job, naming rank 1, within dist.timeout_minutes (the subprocess timeout
-    below is the bound: 15 s, plus torchrun's grace before SIGKILL)."""
+    below is the bound: 15 s, plus torchrun's grace before SIGKILL). Both strategies are kept:
+    each was a real way a stopped rank hung the job. The grace is cut from torchrun's default
+    30 s to 3 s: the stopped rank ignores the SIGTERM either way and only the SIGKILL after the
+    grace ends it, so waiting longer shows nothing more."""
     run_dir = tmp_path / "run"
     args = [a if a != "strategy=zero2" else f"strategy={strategy}" for a in ARGS]
     args += [f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
-    proc = start(args, tmp_path, bigscale_home, capture=True)
+    grace = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
+    proc = start(args, tmp_path, bigscale_home, capture=True, extra_env=grace)
     rank1 = rank_process(psutil.Process(proc.pid), 1)
     try:
         wait_for_checkpoint(proc, run_dir, "step_00000008")
