@@ -167,22 +167,18 @@ def test_ranks_die_with_a_killed_launcher(tmp_path: Path, bigscale_home: Path) -
     assert re.search(rf"resumed from \S+{saved} at step {int(stopped[1])}\b", err), err[-3000:]
 
 
-@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
-def test_stopped_rank_ends_the_job_naming_it(
-    strategy: str, tmp_path: Path, bigscale_home: Path
-) -> None:
+def test_stopped_rank_ends_the_job_naming_it(tmp_path: Path, bigscale_home: Path) -> None:
     """SIGSTOP leaves a rank alive but silent, with rank 0 waiting in a collective (ZeRO-2's
-    gradient all-reduce had no bound; ZeRO-3 also gathers parameters in the forward); the
-    watchdog must end the job, naming rank 1, within dist.timeout_minutes (the subprocess timeout
-    below is the bound: 15 s, plus torchrun's grace before SIGKILL). Both strategies are kept:
-    each was a real way a stopped rank hung the job. The grace is cut from torchrun's default
-    30 s to 3 s: the stopped rank ignores the SIGTERM either way and only the SIGKILL after the
-    grace ends it, so waiting longer shows nothing more."""
+    gradient all-reduce had no bound); the watchdog must end the job, naming rank 1, within
+    dist.timeout_minutes (the subprocess timeout below is the bound: 15 s, plus torchrun's grace
+    before SIGKILL, 30 s that torch's agent hard-codes on a failed worker). ZeRO-3, whose rank 0
+    waits in the forward's parameter gather instead, was a second run of a minute: the watchdog
+    does not depend on the collective (a thread of each rank watches the loop's progress marks
+    and heartbeat files, and every c10d wait, all-reduce or all-gather, releases the GIL to it),
+    and ZeRO-2's unbounded reduction is the case it was built for."""
     run_dir = tmp_path / "run"
-    args = [a if a != "strategy=zero2" else f"strategy={strategy}" for a in ARGS]
-    args += [f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
-    grace = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
-    proc = start(args, tmp_path, bigscale_home, capture=True, extra_env=grace)
+    args = [*ARGS, f"run_dir={run_dir}", "dist.timeout_minutes=0.25", "checkpoint.keep_last=0"]
+    proc = start(args, tmp_path, bigscale_home, capture=True)
     rank1 = rank_process(psutil.Process(proc.pid), 1)
     try:
         wait_for_checkpoint(proc, run_dir, "step_00000008")
