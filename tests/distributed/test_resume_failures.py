@@ -95,31 +95,48 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(
     assert (root / "latest").read_text().strip() == "step_00000024"
 
 
-def test_resumed_run_logs_into_the_same_wandb_run(
-    original: Path, tmp_path: Path, bigscale_home: Path
-) -> None:
-    run = copy_run(original, tmp_path)
-    proc = resume(run, bigscale_home, "trainer.max_steps=26")
+# One resume past the original's end, with new optimizer settings, read by two tests: the
+# W&B one needs only some resume that continues training (its own plain resume to step 26 was a
+# launch of its own), and this one continues to step 28 in the same W&B run.
+LOWER_LR = ["trainer.max_steps=28", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.beta2=0.99"]
+
+
+@pytest.fixture(scope="module")
+def resumed_with_new_optim(
+    original: Path, tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path
+) -> Path:
+    run = copy_run(original, tmp_path_factory.mktemp("resume_new_optim"))
+    proc = resume(run, bigscale_home, *LOWER_LR)
     assert proc.returncode == 0, explain(proc)
+    return run
+
+
+def test_resumed_run_logs_into_the_same_wandb_run(resumed_with_new_optim: Path) -> None:
+    run = resumed_with_new_optim
     run_id = (run / "wandb_run_id").read_text().strip()
     logs = sorted((run / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
     assert len(logs) == 2, logs  # the first attempt's and the resumed one's, one W&B id
-    assert [r["step"] for r in train_rows(run)][-2:] == [24, 26]
+    assert [r["step"] for r in train_rows(run)][-3:] == [24, 26, 28]
 
 
-def test_config_change_is_refused_with_what_changed(
-    original: Path, tmp_path: Path, bigscale_home: Path
+def test_resume_takes_the_optimizer_settings_from_the_config(
+    resumed_with_new_optim: Path, bigscale_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = copy_run(original, tmp_path)
-    config = (run / "config.yaml").read_bytes()
-    proc = resume(run, bigscale_home, "trainer.grad_accum=1")
-    assert proc.returncode == 2, explain(proc)
-    assert (run / "config.yaml").read_bytes() == config  # still describes the checkpoints
-    assert "refusing to resume" in proc.stderr
-    assert "trainer.grad_accum: 2 in the checkpoint, 1 now" in proc.stderr
-    assert "checkpoint.allow_config_change=true" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert "refusing to resume" in (run / "train.log").read_text()  # the run dir says why
+    """The checkpoint restores the optimizer's state, but a resume "with a lower optim.lr" (the
+    advice after a divergence) must train with the new lr, weight decay and betas."""
+    from bigscale.config.compose import compose_config
+    from bigscale.dist.engine import lr_lambda
+
+    run = resumed_with_new_optim
+    log = (run / "train.log").read_text()
+    assert "optimizer setting from the config, not the checkpoint: peak lr" in log, log
+    assert "-> 0.001" in log and "weight_decay 0.0 -> 0.1 (group 0)" in log
+    assert "betas (0.9, 0.95) -> (0.9, 0.99)" in log
+    monkeypatch.setenv("BIGSCALE_HOME", str(bigscale_home))
+    cfg = compose_config([*ARGS[1:], *LOWER_LR])
+    row = next(r for r in train_rows(run) if r["step"] == 26)
+    # The lr logged with a step is the one the schedule set for the next step.
+    assert row["lr"] == pytest.approx(1e-3 * lr_lambda(cfg.optim, 28)(26), rel=1e-9)
 
 
 def test_resume_never_refuses_a_run_with_checkpoints(
@@ -152,29 +169,6 @@ def test_planted_pickle_does_not_execute_even_with_a_forged_manifest(
     assert not marker.exists()
 
 
-def test_resume_takes_the_optimizer_settings_from_the_config(
-    original: Path, tmp_path: Path, bigscale_home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The checkpoint restores the optimizer's state, but a resume "with a lower optim.lr" (the
-    advice after a divergence) must train with the new lr, weight decay and betas."""
-    from bigscale.config.compose import compose_config
-    from bigscale.dist.engine import lr_lambda
-
-    run = copy_run(original, tmp_path)
-    extra = ["trainer.max_steps=28", "optim.lr=1e-3", "optim.weight_decay=0.1", "optim.beta2=0.99"]
-    proc = resume(run, bigscale_home, *extra)
-    assert proc.returncode == 0, explain(proc)
-    log = (run / "train.log").read_text()
-    assert "optimizer setting from the config, not the checkpoint: peak lr" in log, log
-    assert "-> 0.001" in log and "weight_decay 0.0 -> 0.1 (group 0)" in log
-    assert "betas (0.9, 0.95) -> (0.9, 0.99)" in log
-    monkeypatch.setenv("BIGSCALE_HOME", str(bigscale_home))
-    cfg = compose_config([*ARGS[1:], *extra])
-    row = next(r for r in train_rows(run) if r["step"] == 26)
-    # The lr logged with a step is the one the schedule set for the next step.
-    assert row["lr"] == pytest.approx(1e-3 * lr_lambda(cfg.optim, 28)(26), rel=1e-9)
-
-
 def one_error(proc: subprocess.CompletedProcess[str]) -> str:
     """Exit 2 and exactly one ``error:`` line, no traceback; returns that line."""
     assert proc.returncode == 2, explain(proc)
@@ -190,20 +184,27 @@ def run_record(run: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in files if p.is_file()}
 
 
-def test_new_data_under_the_same_path_is_refused_and_changes_nothing(
+def test_changed_config_and_new_data_are_refused_naming_both_and_change_nothing(
     original: Path, tmp_path: Path, bigscale_home: Path
 ) -> None:
+    """One refused resume for both causes (each was a launch of its own): the ranks compare the
+    whole fingerprint at once and name every change, so each message below appears only if its
+    own change was detected; the data path itself is the same, only its contents differ."""
     run = copy_run(original, tmp_path)
     train = tmp_path / "data" / "train.jsonl"
     train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))  # one row less
     before = run_record(run)
 
-    error = one_error(resume(run, bigscale_home))
+    error = one_error(resume(run, bigscale_home, "trainer.grad_accum=1"))
     assert "refusing to resume" in error
+    assert "trainer.grad_accum: 2 in the checkpoint, 1 now" in error
     assert "the contents of data.path changed since the checkpoint was written" in error
     assert "data.path:" not in error  # the path itself is the same
+    assert "checkpoint.allow_config_change=true" in error
     after = run_record(run)
-    assert after == before  # config.yaml, metrics and checkpoints byte for byte
+    # config.yaml (it still describes the checkpoints), metrics and checkpoints byte for byte
+    assert after == before
+    assert "refusing to resume" in (run / "train.log").read_text()  # the run dir says why
 
 
 def export(source: Path, out: Path, home: Path) -> subprocess.CompletedProcess[str]:
