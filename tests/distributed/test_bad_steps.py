@@ -101,7 +101,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path: Path, bigscale_home
     weights[name][0, 0] = float("nan")
     save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
     run_dir = tmp_path / "run"
-    # One rank: every rank loads the same poisoned file, so a second adds only its start-up.
+    # One rank (in-process, no torchrun): every rank loads the same poisoned file, so a second
+    # adds only start-up; the exit code 3 through torchrun is the test above's.
     args = _args(run_dir, "ddp", f"model.name_or_path={model}", "trainer.max_bad_steps=10", ranks=1)
     proc = bigscale(args, tmp_path, bigscale_home)
     assert proc.returncode == 3, explain(proc)
