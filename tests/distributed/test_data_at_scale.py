@@ -1,11 +1,12 @@
 """Data at scale with real process groups: tokenization on one rank outlasting the collective
 timeout while the others wait on the cache's marker file (and reuse its cache, and receive its
-error), and a streamed, packed run killed after a checkpoint that resumes to the uninterrupted
-run's numbers, bitwise."""
+error), and a streamed, packed run resumed from a checkpoint to the uninterrupted run's numbers,
+bitwise."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bigscale.data.cache import DELAY_ENV
-from tests.cli import QUICK, bigscale, env_for, explain, kill_after_checkpoint, metrics, start
+from tests.cli import QUICK, bigscale, env_for, explain, metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -27,6 +28,7 @@ STREAM = [
     "data.validation_examples=64",
     "trainer.max_steps=12",
     "checkpoint.every_steps=4",
+    "checkpoint.keep_last=0",  # the resumed run starts from the uninterrupted run's step 4
     "trainer.eval_every=6",
     "eval.exact_match=false",
     "export.at_end=false",
@@ -63,21 +65,23 @@ def test_tokenizing_outlasts_the_collective_timeout(
 
 
 def test_streamed_packed_run_resumes_exactly(tmp_path: Path, bigscale_home: Path) -> None:
-    """SIGKILL after the step-4 checkpoint, then the same command: every training and
-    evaluation row equals the uninterrupted run's (each rank's stream position, mid-window, is
-    part of the checkpoint)."""
+    """A run resumed from the uninterrupted run's step-4 checkpoint: every training and
+    evaluation row after it equals the uninterrupted run's (each rank's stream position,
+    mid-window, is part of the checkpoint).
 
-    def args(run_dir: Path) -> list[str]:
-        return ["train", f"run_dir={run_dir}", *STREAM]
-
+    The checkpoint is the one a run killed after step 4 would resume from, written while the
+    loader had read ahead, so resuming from it needs no killed run (one launch fewer); that a
+    killed run's rerun finds its newest checkpoint is test_strategies.py's and
+    test_resume_failures.py's to hold."""
     straight = tmp_path / "straight"
-    proc = bigscale(args(straight), tmp_path, bigscale_home)
+    proc = bigscale(["train", f"run_dir={straight}", *STREAM], tmp_path, bigscale_home)
     assert proc.returncode == 0, explain(proc)
     resumed = tmp_path / "resumed"
-    kill_after_checkpoint(start(args(resumed), tmp_path, bigscale_home), resumed, "step_00000004")
-    proc = bigscale(args(resumed), tmp_path, bigscale_home)
+    step4 = straight / "checkpoints" / "step_00000004"
+    args = ["train", f"run_dir={resumed}", f"resume={step4}", *STREAM]
+    proc = bigscale(args, tmp_path, bigscale_home)
     assert proc.returncode == 0, explain(proc)
-    assert "resumed from" in proc.stderr, proc.stderr
+    assert re.search(r"resumed from \S*step_00000004 at step 4", proc.stderr), proc.stderr
 
     def rows(run_dir: Path) -> list[tuple]:
         keys = ("step", "loss", "grad_norm", "lr", "eval_loss")
@@ -85,4 +89,5 @@ def test_streamed_packed_run_resumes_exactly(tmp_path: Path, bigscale_home: Path
 
     expected = rows(straight)
     assert [r[0] for r in expected if r[1] is not None] == list(range(2, 13, 2))
-    assert rows(resumed)[-len(expected) :] == expected
+    after = [r for r in expected if r[0] > 4]
+    assert rows(resumed) == after

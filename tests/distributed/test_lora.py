@@ -2,8 +2,8 @@
 with activation checkpointing) trains adapters on the frozen tiny model; its checkpoint holds the
 adapters and their optimizer state only; the exported adapter, loaded by peft on the pretrained
 base, gives the trained engine's logits (so the base was not changed), and the merged export
-gives the same; a resumed ZeRO-3 run ends bitwise as the uninterrupted one. Bad LoRA input fails
-with exit code 2 before anything trains."""
+(of the ZeRO-3 run) gives the same; a resumed ZeRO-3 run ends bitwise as the uninterrupted one.
+Bad LoRA input fails with exit code 2 before anything trains."""
 
 from __future__ import annotations
 
@@ -109,15 +109,34 @@ def test_checkpoint_holds_only_the_adapters(
     assert 4 * trained < base
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_exported_adapter_and_merged_model_give_the_engines_logits(
-    runs: dict[str, Path], strategy: str, bigscale_home: Path
-) -> None:
-    run_dir = runs[strategy]
-    base = AutoModelForCausalLM.from_pretrained(base_dir(bigscale_home))
+def _adapter_logits(run_dir: Path, home: Path) -> torch.Tensor:
+    """The exported adapter on the pretrained base gives the trained engine's logits."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir(home))
     with_adapter = PeftModel.from_pretrained(base, run_dir / "export")
     logits, engine = probe_logits(with_adapter, run_dir)
     torch.testing.assert_close(logits, engine, atol=1e-5, rtol=1e-5)
+    # The adapter carries the generation config beside it.
+    assert (run_dir / "export" / "generation_config.json").is_file()
+    return logits
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_exported_adapter_gives_the_engines_logits(
+    runs: dict[str, Path], strategy: str, bigscale_home: Path
+) -> None:
+    _adapter_logits(runs[strategy], bigscale_home)
+
+
+def test_exported_adapter_and_merged_model_give_the_engines_logits(
+    runs: dict[str, Path], bigscale_home: Path
+) -> None:
+    """ZeRO-3's adapter, and the base with it merged by `bigscale export --merge-lora`. The
+    merge runs on one strategy only (each `bigscale export` is a process start-up): it adds the
+    same merge to weights read by the code the end-of-training adapter export runs, which the
+    test above and this one check for every ZeRO stage's files (test_lora_variants.py merges a
+    ZeRO-2 adapter too)."""
+    run_dir = runs["zero3"]
+    logits = _adapter_logits(run_dir, bigscale_home)
 
     merged_dir = run_dir / "merged"
     proc = bigscale(
@@ -132,9 +151,8 @@ def test_exported_adapter_and_merged_model_give_the_engines_logits(
     merged_logits, _ = probe_logits(merged, run_dir)
     torch.testing.assert_close(merged_logits, logits, atol=1e-5, rtol=1e-5)
     # Inference settings restored, also after ZeRO-3's gradient checkpointing turned the
-    # cache off; the adapter carries the generation config beside it.
+    # cache off.
     assert_generates_with_cache(merged_dir)
-    assert (run_dir / "export" / "generation_config.json").is_file()
 
 
 def test_resume_is_exact(runs: dict[str, Path], tmp_path: Path, bigscale_home: Path) -> None:
