@@ -267,6 +267,11 @@ def _has_loss(labels: list[int]) -> bool:
     return any(t != IGNORE_INDEX for t in labels)
 
 
+# The per-pair outcome columns, with bigscale.data.tokenize's status codes (0 kept, 1 truncated,
+# 2 dropped overlong, 3 dropped without loss). Not SFT's names: pair caches on disk hold these.
+_OUTCOME = ("status", "tokens", "loss_tokens")
+
+
 def _encode_batch(
     batch: dict[str, list], indices: list[int], tokenizer: Any, cfg: DataConfig
 ) -> dict[str, list]:
@@ -309,54 +314,33 @@ def tokenize_pairs(
     import datasets
     import numpy as np
 
-    from bigscale.data.tokenize import TokenizeReport
+    from bigscale.data.tokenize import _empty_error, map_encoded, report_outcomes
 
     ids = datasets.List(datasets.Value("int32"))
     count = datasets.Value("int32")
-    mapped = ds.map(
-        _encode_batch,
-        batched=True,
-        with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
-        remove_columns=ds.column_names,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        cache_file_name=cache_file,
-        load_from_cache_file=True,
-        new_fingerprint=key,
-        features=datasets.Features(
-            {
-                "input_ids": ids,
-                "labels": ids,
-                "rejected_input_ids": ids,
-                "rejected_labels": ids,
-                "status": datasets.Value("int8"),
-                "tokens": count,
-                "loss_tokens": count,
-            }
-        ),
-        desc="Tokenizing pairs",
+    features = datasets.Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "rejected_input_ids": ids,
+            "rejected_labels": ids,
+            _OUTCOME[0]: datasets.Value("int8"),
+            _OUTCOME[1]: count,
+            _OUTCOME[2]: count,
+        }
     )
-    table = mapped.with_format("arrow")
-    status = table["status"].to_numpy().astype(np.int64)
-    kept = status <= 1
-    report = TokenizeReport(
-        examples_in=len(status),
-        examples_out=int(kept.sum()),
-        truncated=int((status == 1).sum()),
-        dropped_overlong=int((status == 2).sum()),
-        dropped_no_loss=int((status == 3).sum()),
-        tokens=int(table["tokens"].to_numpy()[kept].sum()),
-        loss_tokens=int(table["loss_tokens"].to_numpy()[kept].sum()),
+    mapped = map_encoded(
+        ds, _encode_batch, tokenizer, cfg, cache_file, key, features, "Tokenizing pairs"
     )
+    report = report_outcomes(mapped, _OUTCOME)
     if report.examples_out == 0:
-        from bigscale.data.tokenize import _empty_error
-
         raise _empty_error(report, cfg)
+    kept = np.isin(mapped.with_format("arrow")[_OUTCOME[0]].to_numpy(), [0, 1])
     out = mapped.select(np.flatnonzero(kept).tolist()).flatten_indices(
         cache_file_name=f"{cache_file}.kept" if cache_file else None,
         new_fingerprint=f"{key}-kept",
     )
-    out = out.remove_columns(["status", "tokens", "loss_tokens"])
+    out = out.remove_columns(list(_OUTCOME))
     return out.add_column(
         "pair_index", list(range(len(out))), new_fingerprint=f"{key}-indexed"
     ), report

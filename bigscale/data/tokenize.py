@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -205,13 +206,22 @@ def cache_key(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def _report(mapped: datasets.Dataset) -> TokenizeReport:
+def report_outcomes(
+    mapped: datasets.Dataset,
+    columns: tuple[str, str, str] = (_STATUS, _N_TOKENS, _N_LOSS),
+) -> TokenizeReport:
+    """The report of an encoded split from its outcome ``columns`` (status, tokens, loss
+    tokens), with the status codes of ``_encode_batch``; only kept rows count tokens.
+
+    Preference pairs keep their own column names (their caches on disk hold them), so they pass
+    them here."""
+    status_column, tokens_column, loss_column = columns
     table = mapped.with_format("arrow")  # whole columns at once; numpy format reads row by row
 
     def column(name: str) -> np.ndarray:
         return table[name].to_numpy().astype(np.int64)
 
-    status = column(_STATUS)
+    status = column(status_column)
     kept = (status == _KEPT) | (status == _TRUNCATED)
     return TokenizeReport(
         examples_in=len(status),
@@ -219,8 +229,8 @@ def _report(mapped: datasets.Dataset) -> TokenizeReport:
         truncated=int((status == _TRUNCATED).sum()),
         dropped_overlong=int((status == _DROPPED_OVERLONG).sum()),
         dropped_no_loss=int((status == _DROPPED_NO_LOSS).sum()),
-        tokens=int(column(_N_TOKENS)[kept].sum()),
-        loss_tokens=int(column(_N_LOSS)[kept].sum()),
+        tokens=int(column(tokens_column)[kept].sum()),
+        loss_tokens=int(column(loss_column)[kept].sum()),
     )
 
 
@@ -252,6 +262,34 @@ def _sibling(cache_file: str | None, tag: str) -> str | None:
     return f"{stem}.{tag}{ext or '.arrow'}"
 
 
+def map_encoded(
+    ds: datasets.Dataset,
+    encode_batch: Callable[..., dict[str, list]],
+    tokenizer: Any,
+    cfg: DataConfig,
+    cache_file: str | None,
+    key: str,
+    features: datasets.Features,
+    desc: str,
+) -> datasets.Dataset:
+    """``encode_batch(batch, indices, tokenizer, cfg)`` over every row of ``ds``, replacing its
+    columns with ``features``; written to ``cache_file`` and fingerprinted ``key``, so a later
+    call with the same name and key reads the file instead of encoding again."""
+    return ds.map(
+        encode_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
+        remove_columns=ds.column_names,
+        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
+        cache_file_name=cache_file,
+        load_from_cache_file=True,
+        new_fingerprint=key,
+        features=features,
+        desc=desc,
+    )
+
+
 def tokenize_split(
     ds: datasets.Dataset,
     tokenizer: Any,
@@ -268,20 +306,10 @@ def tokenize_split(
     if DataStyle(cfg.style) in CHAT_STYLES:
         require_chat_template(tokenizer, cfg)
     key = key or cache_key(ds, tokenizer, cfg)
-    mapped = ds.map(
-        _encode_batch,
-        batched=True,
-        with_indices=True,
-        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg},
-        remove_columns=ds.column_names,
-        num_proc=cfg.num_proc if cfg.num_proc > 1 else None,
-        cache_file_name=cache_file,
-        load_from_cache_file=True,
-        new_fingerprint=key,
-        features=ENCODED_FEATURES,
-        desc="Tokenizing",
+    mapped = map_encoded(
+        ds, _encode_batch, tokenizer, cfg, cache_file, key, ENCODED_FEATURES, "Tokenizing"
     )
-    report = _report(mapped)
+    report = report_outcomes(mapped)
     if report.examples_out == 0:
         raise _empty_error(report, cfg)
     kept = mapped.filter(
