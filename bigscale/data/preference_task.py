@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 from bigscale.data.tasks import (
@@ -22,9 +21,9 @@ from bigscale.data.tasks import (
     TEST_SIZE,
     VALIDATION_SIZE,
     _spelled,
-    _write_new,
     arithmetic_rows,
     date_rows,
+    write_splits,
 )
 
 
@@ -61,11 +60,8 @@ def write_preference_task(
     pairs = preference_rows(seed, max_operand)
     plain = arithmetic_rows(seed, max_operand)
     held_out = TEST_SIZE + VALIDATION_SIZE
-    _write_new(Path(train_path), pairs[held_out:])
-    if validation_path is not None:
-        _write_new(Path(validation_path), pairs[TEST_SIZE:held_out])
-    if test_path is not None:
-        _write_new(Path(test_path), plain[:TEST_SIZE])
+    paths = (train_path, validation_path, test_path)
+    write_splits(paths, pairs[held_out:], pairs[TEST_SIZE:held_out], plain[:TEST_SIZE])
 
 
 DATES_PAIRS_TRAIN_SIZE = 256
@@ -145,11 +141,12 @@ def write_dates_preference_task(
     rows, fewer of them; only missing files are written."""
     pairs, plain = dates_preference_rows(seed), date_rows(seed)
     held = DATES_HELD_OUT_SIZE
-    _write_new(Path(train_path), pairs[2 * held : 2 * held + DATES_PAIRS_TRAIN_SIZE])
-    if validation_path is not None:
-        _write_new(Path(validation_path), pairs[held : held + DATES_PAIRS_VALIDATION_SIZE])
-    if test_path is not None:
-        _write_new(Path(test_path), plain[:held])
+    write_splits(
+        (train_path, validation_path, test_path),
+        pairs[2 * held : 2 * held + DATES_PAIRS_TRAIN_SIZE],
+        pairs[held : held + DATES_PAIRS_VALIDATION_SIZE],
+        plain[:held],
+    )
 
 
 def write_pairs_task(task: str, *paths: str | os.PathLike[str] | None, seed: int = 0) -> None:

@@ -46,6 +46,21 @@ def _write_new(path: Path, rows: list[dict[str, Any]]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def write_splits(
+    paths: tuple[
+        str | os.PathLike[str], str | os.PathLike[str] | None, str | os.PathLike[str] | None
+    ],
+    train: list[dict[str, Any]],
+    validation: list[dict[str, Any]],
+    test: list[dict[str, Any]],
+) -> None:
+    """Write each split's rows to its path of (train, validation, test), skipping a ``None``
+    path; only missing files are written (``_write_new``)."""
+    for path, rows in zip(paths, (train, validation, test), strict=True):
+        if path is not None:
+            _write_new(Path(path), rows)
+
+
 def arithmetic_rows(seed: int = 0, max_operand: int = 99) -> list[dict[str, str]]:
     """Every ``a+b`` with ``0 <= a, b <= max_operand``, in a seeded shuffled order."""
     pairs = [(a, b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
@@ -73,12 +88,8 @@ def write_arithmetic_task(
             f"max_operand={max_operand} gives {len(rows)} sums; need more than {held_out} "
             "to hold out test and validation rows."
         )
-    test, validation, train = rows[:TEST_SIZE], rows[TEST_SIZE:held_out], rows[held_out:]
-    _write_new(Path(train_path), train)
-    if validation_path is not None:
-        _write_new(Path(validation_path), validation)
-    if test_path is not None:
-        _write_new(Path(test_path), test)
+    paths = (train_path, validation_path, test_path)
+    write_splits(paths, rows[held_out:], rows[TEST_SIZE:held_out], rows[:TEST_SIZE])
 
 
 DATES_TRAIN_SIZE = 2000
@@ -131,9 +142,5 @@ def write_dates_task(
     validation rows, 2,000 training rows, no date in two splits. Only missing files are written."""
     rows = date_rows(seed)
     held = DATES_HELD_OUT_SIZE
-    test, validation, train = rows[:held], rows[held : 2 * held], rows[2 * held :]
-    _write_new(Path(train_path), train)
-    if validation_path is not None:
-        _write_new(Path(validation_path), validation)
-    if test_path is not None:
-        _write_new(Path(test_path), test)
+    paths = (train_path, validation_path, test_path)
+    write_splits(paths, rows[2 * held :], rows[held : 2 * held], rows[:held])
