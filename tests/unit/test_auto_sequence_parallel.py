@@ -96,29 +96,12 @@ def test_auto_splits_sequences_only_where_a_split_run_could_train(overrides: lis
     assert not may_split_sequences(compose_config(["strategy=auto", *overrides]))
 
 
-def tiny_llama(path: Path) -> Path:
-    LlamaConfig(
-        vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=65536,
-        attn_implementation="sdpa",
-    ).save_pretrained(path)  # a config is all the estimate reads
-    return path
-
-
 def test_plan_passes_the_chosen_split_to_the_ranks_and_keeps_the_global_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    plan_llama: Path,
 ) -> None:
-    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    model = tiny_llama(tmp_path / "llama")
     overrides = [
         "strategy=auto",
-        f"model.name_or_path={model}",
+        f"model.name_or_path={plan_llama}",
         "data=arithmetic",
         "data.max_length=65536",
         "trainer.micro_batch_size=2",

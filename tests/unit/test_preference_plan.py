@@ -36,7 +36,6 @@ from bigscale.model.chunked_loss import install_chunked_loss
 from bigscale.model.shapes import LLAMA_3_2_1B, LLAMA_3_2_1B_PARAMS
 from bigscale.train.objectives import sequence_logps
 from bigscale.train.reference import _save
-from tests.unit.test_auto_sequence_parallel import tiny_llama
 
 LLAMA_1B = ModelShape.from_config(LlamaConfig(**LLAMA_3_2_1B), params=LLAMA_3_2_1B_PARAMS)
 PAIRS = ["experiment=demo", "data=arithmetic_pairs"]
@@ -200,16 +199,11 @@ def test_auto_names_the_reference_batch_when_the_reference_pass_does_not_fit() -
     assert choose_layout(LLAMA_1B, smaller, Precision.bf16, 8, 80.0).strategy == "ddp"
 
 
-def test_auto_never_splits_the_sequences_of_a_preference_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_auto_never_splits_the_sequences_of_a_preference_run(plan_llama: Path) -> None:
     """Where an SFT run of the same activations gets sequence parallelism, which preference
     objectives refuse, a DPO run is sized with whole sequences (and refused when they do not
     fit), so auto never hands the ranks a layout validation refuses."""
-    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    model = tiny_llama(tmp_path / "llama")
-    common = ["strategy=auto", f"model.name_or_path={model}", "data.max_length=65536"]
+    common = ["strategy=auto", f"model.name_or_path={plan_llama}", "data.max_length=65536"]
     sft = [*common, "data=arithmetic", "trainer.micro_batch_size=2"]
     dpo = [*common, "data=arithmetic_pairs", "objective=dpo", "trainer.micro_batch_size=1"]
     dpo.append("objective.reference_batch_size=1")
@@ -225,15 +219,10 @@ def test_auto_never_splits_the_sequences_of_a_preference_run(
     assert plan.global_batch == 8  # pairs: one per rank
 
 
-def test_plan_prints_the_reference_pass_cost(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    model = tiny_llama(tmp_path / "llama")
+def test_plan_prints_the_reference_pass_cost(plan_llama: Path) -> None:
     overrides = [
         "strategy=zero2",
-        f"model.name_or_path={model}",
+        f"model.name_or_path={plan_llama}",
         "data=arithmetic_pairs",
         "objective=dpo",
         "data.max_length=64",
