@@ -20,6 +20,22 @@ def tiny_llama(seed: int = 0, **overrides: object) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**{**dims, **overrides}))
 
 
+def plan_llama_config(**changes: object) -> LlamaConfig:
+    """Three layers, width 256, 4 query and 2 key-value heads, sdpa: big enough for the memory
+    estimate's terms to be measurable, small enough to build on a CPU; ``changes`` go to
+    ``LlamaConfig``."""
+    dims: dict[str, object] = {
+        "vocab_size": 1000,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "attn_implementation": "sdpa",
+    }
+    return LlamaConfig(**{**dims, **changes})
+
+
 def tiny_gpt2(seed: int = 0, **overrides: object) -> GPT2LMHeadModel:
     """Two layers, width 32, 4 heads; ``overrides`` go to ``GPT2Config``."""
     torch.manual_seed(seed)

@@ -31,20 +31,9 @@ from bigscale.model.chunked_loss import install_chunked_loss
 from bigscale.model.load import select_checkpointed_layers
 from bigscale.model.lora import apply_lora
 from bigscale.model.shapes import LLAMA_3_2_1B, LLAMA_3_2_1B_PARAMS
+from tests.models import plan_llama_config
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-
-
-def llama_config(**changes: int) -> LlamaConfig:
-    dims = dict(
-        vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaConfig(**{**dims, **changes}, attn_implementation="sdpa")
 
 
 @pytest.mark.parametrize(
@@ -60,7 +49,7 @@ def test_stored_activations_match_what_backward_keeps(
 ) -> None:
     """``every`` 0: no checkpointing; N: model.checkpoint_every=N. ``chunk``:
     model.loss_chunk_tokens."""
-    config = llama_config(**changes)
+    config = plan_llama_config(**changes)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).train()
     if every:
@@ -125,14 +114,8 @@ def test_auto_says_what_to_change_when_nothing_fits() -> None:
         auto_strategy.choose(cfg, LLAMA_1B, Precision.bf16, 8, 80.0)
 
 
-def test_plan_replaces_auto_with_the_choice_for_the_ranks(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    model_dir = tmp_path / "llama"
-    llama_config().save_pretrained(model_dir)  # a config is all the estimate reads
-    overrides = ["strategy=auto", f"model.name_or_path={model_dir}", "data=arithmetic"]
+def test_plan_replaces_auto_with_the_choice_for_the_ranks(plan_llama: Path) -> None:
+    overrides = ["strategy=auto", f"model.name_or_path={plan_llama}", "data=arithmetic"]
     gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
     plan = make_plan(compose_config(overrides), overrides, hw=gpus)
     assert plan.cfg.strategy.name == "ddp"  # a 4M-parameter model fits anywhere
@@ -152,7 +135,7 @@ def test_a_rank_never_runs_strategy_auto() -> None:
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_parameters_are_counted_as_the_model_has_them(tmp_path: Path, tied: bool) -> None:
     """A tied embedding is one tensor: SmolLM2-135M was planned as 162.8M for its 134.5M."""
-    config = llama_config(tie_word_embeddings=tied)
+    config = plan_llama_config(tie_word_embeddings=tied)
     config.save_pretrained(tmp_path)
     real = LlamaForCausalLM(config)
     assert model_shape(str(tmp_path), None, False).params == sum(
@@ -177,7 +160,7 @@ def test_parameters_are_counted_as_the_model_has_them(tmp_path: Path, tied: bool
 def test_lora_trainable_count_is_peft_s(
     tmp_path: Path, finetune: FinetuneConfig, tied: bool
 ) -> None:
-    config = llama_config(tie_word_embeddings=tied)
+    config = plan_llama_config(tie_word_embeddings=tied)
     config.save_pretrained(tmp_path)
     model = apply_lora(LlamaForCausalLM(config), finetune, seed=0, gradient_checkpointing=False)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -189,13 +172,8 @@ def test_lora_trainable_count_is_peft_s(
     assert full.grads_gib == pytest.approx(trainable * 2 / 1024**3)  # grads for adapters only
 
 
-def test_lora_plans_and_auto_price_only_the_adapters(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    llama_config().save_pretrained(tmp_path / "llama")
-    model = [f"model.name_or_path={tmp_path / 'llama'}", "data=arithmetic"]
+def test_lora_plans_and_auto_price_only_the_adapters(plan_llama: Path) -> None:
+    model = [f"model.name_or_path={plan_llama}", "data=arithmetic"]
     lora = ["finetune=lora", "finetune.r=2"]
     gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
     plans = {
@@ -206,22 +184,17 @@ def test_lora_plans_and_auto_price_only_the_adapters(
     assert mems["lora"].trainable < mems["full"].trainable / 50
     assert mems["lora"].optimizer_gib < mems["full"].optimizer_gib / 50
     assert f"({mems['lora'].trainable:,} trainable)" in render(plans["lora"])
-    shape = model_shape(str(tmp_path / "llama"), None, False)
+    shape = model_shape(str(plan_llama), None, False)
     cfg = plans["lora"].cfg
     _, auto = auto_strategy.choose(cfg, finetuned(shape, cfg.finetune), Precision.bf16, 8, 80.0)
     same = auto[cfg.strategy.name]  # the plan's own strategy, priced by strategy=auto
     assert same.total_gib == pytest.approx(mems["lora"].total_gib)
 
 
-def test_plan_counts_the_async_checkpoint_snapshot_in_host_memory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_plan_counts_the_async_checkpoint_snapshot_in_host_memory(plan_llama: Path) -> None:
     """The snapshot is what a rank saves: with ZeRO-2 over 8 bf16 ranks, the whole bf16 weights
     (rank 0 saves them) plus 1/8 of the fp32 master copy and Adam's two moments."""
-    monkeypatch.setenv("BIGSCALE_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    llama_config().save_pretrained(tmp_path / "llama")
-    model = [f"model.name_or_path={tmp_path / 'llama'}", "model.create_if_missing=null"]
+    model = [f"model.name_or_path={plan_llama}", "model.create_if_missing=null"]
     gpus = Hardware(cuda_devices=8, bf16_supported=True, gpu_memory_gib=80.0)
     args = [*model, "data=arithmetic", "strategy=zero2"]
     plan = make_plan(compose_config(args), args, hw=gpus)

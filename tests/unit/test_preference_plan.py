@@ -36,6 +36,7 @@ from bigscale.model.chunked_loss import install_chunked_loss
 from bigscale.model.shapes import LLAMA_3_2_1B, LLAMA_3_2_1B_PARAMS
 from bigscale.train.objectives import sequence_logps
 from bigscale.train.reference import _save
+from tests.models import plan_llama_config
 
 LLAMA_1B = ModelShape.from_config(LlamaConfig(**LLAMA_3_2_1B), params=LLAMA_3_2_1B_PARAMS)
 PAIRS = ["experiment=demo", "data=arithmetic_pairs"]
@@ -74,15 +75,7 @@ def _peak_bytes(fn: Any) -> int:
 def test_reference_forward_peak_is_what_the_estimate_says(
     vocab: int, chunk: int, dtype: torch.dtype
 ) -> None:
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
+    config = plan_llama_config(vocab_size=vocab)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(dtype).eval()
     if chunk:
