@@ -314,7 +314,7 @@ def tokenize_pairs(
     import datasets
     import numpy as np
 
-    from bigscale.data.tokenize import _empty_error, map_encoded, report_outcomes
+    from bigscale.data.tokenize import _empty_error, kept_mask, map_encoded, report_outcomes
 
     ids = datasets.List(datasets.Value("int32"))
     count = datasets.Value("int32")
@@ -335,7 +335,7 @@ def tokenize_pairs(
     report = report_outcomes(mapped, _OUTCOME)
     if report.examples_out == 0:
         raise _empty_error(report, cfg)
-    kept = np.isin(mapped.with_format("arrow")[_OUTCOME[0]].to_numpy(), [0, 1])
+    kept = kept_mask(mapped.with_format("arrow")[_OUTCOME[0]].to_numpy())
     out = mapped.select(np.flatnonzero(kept).tolist()).flatten_indices(
         cache_file_name=f"{cache_file}.kept" if cache_file else None,
         new_fingerprint=f"{key}-kept",

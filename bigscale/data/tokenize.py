@@ -48,6 +48,11 @@ ENCODED_FEATURES = datasets.Features(
 """Columns of an encoded split before filtering: ids, labels and the per-example outcome."""
 
 
+def kept_mask(status: np.ndarray) -> np.ndarray:
+    """Which examples an encoding kept (whole or truncated), from their status codes."""
+    return np.isin(status, [_KEPT, _TRUNCATED])
+
+
 @dataclass
 class TokenizeReport:
     """What tokenization kept and dropped from one split."""
@@ -222,7 +227,7 @@ def report_outcomes(
         return table[name].to_numpy().astype(np.int64)
 
     status = column(status_column)
-    kept = (status == _KEPT) | (status == _TRUNCATED)
+    kept = kept_mask(status)
     return TokenizeReport(
         examples_in=len(status),
         examples_out=int(kept.sum()),
@@ -313,7 +318,7 @@ def tokenize_split(
     if report.examples_out == 0:
         raise _empty_error(report, cfg)
     kept = mapped.filter(
-        lambda status: np.isin(status, [_KEPT, _TRUNCATED]),
+        kept_mask,
         input_columns=[_STATUS],
         batched=True,
         batch_size=10_000,
