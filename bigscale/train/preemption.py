@@ -8,11 +8,13 @@ same run directory and W&B run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 
 from bigscale.logging import get_logger
 
@@ -51,18 +53,36 @@ def requeue_slurm_job(max_requeues: int, environ: dict[str, str] | None = None) 
             f"not requeued: job {job} has been requeued {restarts} time(s), "
             f"launcher.max_requeues={max_requeues}; resubmit the same command to resume"
         )
-    scontrol = shutil.which("scontrol")
+    scontrol = shutil.which("scontrol", path=env.get("PATH"))
     if scontrol is None:
         return (
             f"could not requeue job {job}: scontrol is not on PATH on this node; resubmit the "
             "same command to resume"
         )
-    proc = subprocess.run(
-        [scontrol, "requeue", job], capture_output=True, text=True, check=False, env=dict(env)
-    )
+    with _sigterm_ignored():
+        proc = subprocess.run(
+            [scontrol, "requeue", job], capture_output=True, text=True, check=False, env=dict(env)
+        )
     if proc.returncode != 0:
         return (
             f"scontrol requeue {job} failed ({proc.stderr.strip() or proc.returncode}); "
             "resubmit the same command to resume"
         )
     return f"requeued Slurm job {job} (requeue {restarts + 1} of at most {max_requeues})"
+
+
+@contextlib.contextmanager
+def _sigterm_ignored() -> Iterator[None]:
+    """SIGTERM ignored here and in the children started meanwhile (an ignored signal stays ignored
+    across exec). The requeue that ``scontrol`` asks for ends this job step with SIGTERM to each of
+    its processes, ``scontrol`` included: unprotected, it can die of its own request before it
+    exits 0, and the log would call a requeue that happened a failure. This process is already
+    stopping, so a SIGTERM it misses meanwhile changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
