@@ -39,16 +39,39 @@ class Hardware:
     bf16_supported: bool = False
     gpu_memory_gib: float = 0.0
     """Memory of the smallest GPU (``strategy=auto`` sizes for it); 0 when unknown."""
+    cpu_bf16_units: bool = False
+    """The CPU multiplies bf16 matrices in hardware (AVX-512 or Arm BF16), as oneDNN reports it.
+    Without them bf16 matmuls are emulated: 45x slower than fp32 on an AVX2-only EPYC
+    (bench/RESULTS.md, CPU bf16)."""
 
     @classmethod
     def detect(cls) -> Hardware:
         import torch
 
         if not torch.cuda.is_available():
-            return cls()
+            return cls(cpu_bf16_units=_cpu_bf16_units())
         count = torch.cuda.device_count()
         memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
         return cls(count, torch.cuda.is_bf16_supported(), memory / 1024**3)
+
+
+def _cpu_bf16_units() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def precision_warning(precision: Precision, hw: Hardware) -> str | None:
+    """bf16 on a CPU that emulates it runs, but so slowly that a run looks hung: say so."""
+    if precision != Precision.bf16 or hw.cuda_devices or hw.cpu_bf16_units:
+        return None
+    return (
+        "this CPU has no bf16 matrix units (AVX-512 or Arm BF16), so bf16 matmuls are emulated "
+        "and run up to 45x slower than fp32; set trainer.precision=auto (fp32 on CPU)"
+    )
 
 
 def resolve_precision(requested: Precision, hw: Hardware) -> Precision:

@@ -15,7 +15,7 @@ from bigscale.checkpoint.select import select_resume_point
 from bigscale.config.derived import DataStats, RunShape, derive
 from bigscale.config.redact import redact_text
 from bigscale.config.schema import LauncherKind, Precision, StrategyConfig, TrainConfig
-from bigscale.config.validate import Hardware, resolve_precision, validate
+from bigscale.config.validate import Hardware, precision_warning, resolve_precision, validate
 from bigscale.dist.layout import layout_of
 from bigscale.errors import ConfigError
 from bigscale.launch import auto_strategy
@@ -266,7 +266,8 @@ def render(plan: Plan, with_memory: bool = True) -> str:
         f"strategy        {c.strategy.name} (ZeRO stage {c.strategy.zero_stage}, offload "
         f"optimizer={c.strategy.offload_optimizer}, params={c.strategy.offload_params})"
         + (f"; {plan.strategy_reason}" if plan.strategy_reason else ""),
-        f"precision       {plan.precision.value} on {device}",
+        f"precision       {plan.precision.value} on {device}"
+        + (f" (warning: {w})" if (w := precision_warning(plan.precision, plan.hardware)) else ""),
         f"ranks           {plan.topology.describe()}",
         *_layout_lines(plan),
         f"batch           {t.micro_batch_size} micro x {t.grad_accum} accum x "

@@ -19,7 +19,7 @@ from bigscale.checkpoint.precheck import Precheck, checkpoint_root
 from bigscale.config.compose import to_plain_dict
 from bigscale.config.derived import derive
 from bigscale.config.schema import FinetuneMethod, ObjectiveName, TrainConfig
-from bigscale.config.validate import Hardware, resolve_precision
+from bigscale.config.validate import Hardware, precision_warning, resolve_precision
 from bigscale.data.chat import set_chat_template
 from bigscale.dist import engine as ds
 from bigscale.dist.env import DistEnv
@@ -60,7 +60,10 @@ class Trainer:
     ):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.layout = layout_of(cfg.strategy, env.world_size)
-        self.precision = resolve_precision(cfg.trainer.precision, Hardware.detect())
+        hardware = Hardware.detect()
+        self.precision = resolve_precision(cfg.trainer.precision, hardware)
+        if warning := precision_warning(self.precision, hardware):
+            log.warning("trainer.precision=bf16: %s", warning)
         torch.manual_seed(cfg.trainer.seed)
 
         self.tokenizer = load_tokenizer(cfg.model)

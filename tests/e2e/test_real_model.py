@@ -31,7 +31,9 @@ LORA = [
 def lora_run(tmp_path_factory: pytest.TempPathFactory, bigscale_home: Path):
     work = tmp_path_factory.mktemp("lora_real")
     run_dir = work / "run"
-    proc = bigscale(["train", *LORA, f"run_dir={run_dir}"], cwd=work, home=bigscale_home)
+    proc = bigscale(
+        ["train", *LORA, f"run_dir={run_dir}"], cwd=work, home=bigscale_home, timeout=1200
+    )
     assert proc.returncode == 0, explain(proc)
     return run_dir
 

@@ -309,3 +309,15 @@ def test_the_plan_names_the_checkpoint_resume_will_use(tmp_path: Path) -> None:
     assert ranks.resume_point("auto") == root / "step_00000016"
     with pytest.raises(CheckpointError, match="resume=never but"):
         render(plan_for(["run_dir=r", "resume=never"]), with_memory=False)
+
+
+def test_the_plan_warns_of_bf16_on_a_cpu_that_emulates_it() -> None:
+    plan = make_plan(compose_config(["trainer.precision=bf16"]), [], Hardware())
+    line = next(li for li in render(plan, with_memory=False).splitlines() if li.startswith("prec"))
+    assert "bf16 on CPU (warning: this CPU has no bf16 matrix units" in line
+    fast = make_plan(compose_config(["trainer.precision=bf16"]), [], Hardware(cpu_bf16_units=True))
+    assert "warning" not in render(fast, with_memory=False)
+    # The default job asks for auto: fp32 on any CPU, whatever its units.
+    assert (
+        make_plan(compose_config([]), [], Hardware(cpu_bf16_units=True)).precision.value == "fp32"
+    )

@@ -9,7 +9,13 @@ import pytest
 
 from bigscale.config.compose import compose_config
 from bigscale.config.schema import Precision
-from bigscale.config.validate import Hardware, resolve_nproc, resolve_precision, validate
+from bigscale.config.validate import (
+    Hardware,
+    precision_warning,
+    resolve_nproc,
+    resolve_precision,
+    validate,
+)
 from bigscale.errors import ConfigError
 
 CPU = Hardware()
@@ -64,6 +70,14 @@ def test_bf16_needs_hardware_support() -> None:
         check(["trainer.precision=bf16"], hw=OLD_GPU)
     check(["trainer.precision=bf16"], hw=H100)
     check(["trainer.precision=bf16"], hw=CPU)  # DeepSpeed runs bf16 on CPU
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_allowed_but_warned() -> None:
+    warning = precision_warning(Precision.bf16, CPU)
+    assert warning and "45x slower" in warning and "trainer.precision=auto" in warning
+    assert precision_warning(Precision.bf16, Hardware(cpu_bf16_units=True)) is None
+    assert precision_warning(Precision.bf16, H100) is None
+    assert precision_warning(Precision.fp32, CPU) is None
 
 
 def test_auto_precision_follows_hardware() -> None:
