@@ -40,6 +40,7 @@ bench: $(STAMP)  ## benchmarks (not part of the tests); results go in bench/RESU
 	$(BIN)/python bench/step_time.py
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/adamw_cpu.py
+	$(BIN)/python bench/cpu_bf16.py
 	$(BIN)/python bench/memory_plan.py
 	$(BIN)/python bench/chunked_loss.py
 	$(BIN)/python bench/switches.py

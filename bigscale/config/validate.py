@@ -41,8 +41,8 @@ class Hardware:
     """Memory of the smallest GPU (``strategy=auto`` sizes for it); 0 when unknown."""
     cpu_bf16_units: bool = False
     """The CPU multiplies bf16 matrices in hardware (AVX-512 or Arm BF16), as oneDNN reports it.
-    Without them bf16 matmuls are emulated: 45x slower than fp32 on an AVX2-only EPYC
-    (bench/RESULTS.md, CPU bf16)."""
+    Without them bf16 matmuls are emulated: a training step's forward and backward took 29x as
+    long as in fp32 on an AVX2-only EPYC (bench/RESULTS.md, "bf16 on a CPU")."""
 
     @classmethod
     def detect(cls) -> Hardware:
@@ -70,7 +70,8 @@ def precision_warning(precision: Precision, hw: Hardware) -> str | None:
         return None
     return (
         "this CPU has no bf16 matrix units (AVX-512 or Arm BF16), so bf16 matmuls are emulated "
-        "and run up to 45x slower than fp32; set trainer.precision=auto (fp32 on CPU)"
+        "and a training step runs tens of times slower than in fp32; set trainer.precision=auto "
+        "(fp32 on CPU)"
     )
 
 

