@@ -14,6 +14,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bigscale.config.validate import cpu_has_bf16_units
+
 TOKENS, HIDDEN, MLP = 2048, 576, 1536
 
 
@@ -54,7 +56,7 @@ def step_seconds(dtype: torch.dtype) -> float:
 
 
 def main() -> None:
-    units = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    units = cpu_has_bf16_units()
     print(
         f"CPU reports bf16 matrix units (oneDNN): {units}; torch threads {torch.get_num_threads()}"
     )

@@ -49,13 +49,14 @@ class Hardware:
         import torch
 
         if not torch.cuda.is_available():
-            return cls(cpu_bf16_units=_cpu_bf16_units())
+            return cls(cpu_bf16_units=cpu_has_bf16_units())
         count = torch.cuda.device_count()
         memory = min(torch.cuda.get_device_properties(i).total_memory for i in range(count))
         return cls(count, torch.cuda.is_bf16_supported(), memory / 1024**3)
 
 
-def _cpu_bf16_units() -> bool:
+def cpu_has_bf16_units() -> bool:
+    """oneDNN's own check (also what bench/cpu_bf16.py reports)."""
     import torch
 
     try:
