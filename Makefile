@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-fast lint format bench clean
+.PHONY: install ops train test test-fast lint format bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The offload strategies (zero3_offload) run DeepSpeed's CPU Adam, a C++ op that DeepSpeed
+# JIT-builds on first use into ~/.cache/torch_extensions: minutes on a small CPU, inside the first
+# run. This builds it ahead (seconds when it is already built).
+ops: $(STAMP)  ## build DeepSpeed's CPU Adam op ahead of the first offload run
+	$(BIN)/python -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
+
 train: $(STAMP)  ## the default job: SmolLM2-135M-Instruct learns to write dates as YYYY-MM-DD, 2 ranks
 	$(BIN)/bigscale train $(ARGS)
 
@@ -27,8 +33,10 @@ train: $(STAMP)  ## the default job: SmolLM2-135M-Instruct learns to write dates
 # most of a multi-process test is process start-up, polling and waiting on signals, so one
 # worker leaves a 2-core machine half idle. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP)  ## the whole suite (unit, distributed, end to end)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+# --no-loadscope-reorder keeps the files in tests/conftest.py's order, costliest first, instead of
+# xdist's (most tests first), which left the few-test real-model files to run last on one worker.
+test: ops  ## the whole suite (unit, distributed, end to end)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

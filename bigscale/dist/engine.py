@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from bigscale.dist.ds_files import (
 )
 from bigscale.dist.env import DistEnv
 from bigscale.errors import CheckpointError
+from bigscale.logging import get_logger
 
 
 def init_distributed(env: DistEnv, timeout_minutes: float = 30.0) -> None:
@@ -189,6 +191,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
+def _cpu_adam_is_built() -> bool:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if importlib.util.find_spec("deepspeed.ops.adam.cpu_adam_op") is not None:
+        return True  # installed prebuilt (DS_BUILD_CPU_ADAM=1 pip install deepspeed)
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return any(Path(root).glob("*/cpu_adam/cpu_adam.so"))
+
+
 def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = _param_groups(model, o.weight_decay)
@@ -197,6 +208,12 @@ def _build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Op
         # With the optimizer state in CPU memory DeepSpeed needs its own vectorized CPU Adam.
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
+        if not _cpu_adam_is_built():
+            # Otherwise the run looks hung: ninja's output goes nowhere while it compiles.
+            get_logger(__name__).info(
+                "building DeepSpeed's CPU Adam op (first use on this machine: minutes on a small "
+                "CPU; `make ops` builds it ahead)"
+            )
         return DeepSpeedCPUAdam(groups, lr=o.lr, betas=betas, eps=o.eps, adamw_mode=True)
     # torch has fused AdamW kernels for CUDA and CPU; on CPU it is 5.6x faster than the
     # per-tensor loop (bench/RESULTS.md).

@@ -1,5 +1,6 @@
 """The remaining strategy presets on real engines: ZeRO-1 in bf16, and ZeRO-3 with optimizer
-state and parameters offloaded to CPU (DeepSpeed JIT-builds its CPU Adam on first use)."""
+state and parameters offloaded to CPU, on DeepSpeed's CPU Adam (`make test` builds the op first:
+built on first use inside the run, under a busy suite it ran past the timeout)."""
 
 from __future__ import annotations
 

@@ -84,3 +84,16 @@ def test_user_json_may_not_set_the_zero_stage(tmp_path: Path) -> None:
     assert (
         build_ds_config(cfg, 2, Precision.fp32)["zero_optimization"]["allgather_bucket_size"] == 9
     )
+
+
+def test_an_unbuilt_cpu_adam_is_noticed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offload strategies log that DeepSpeed is compiling its CPU Adam (minutes), so a first
+    run does not look hung; where torch keeps JIT-built ops decides."""
+    from bigscale.dist.engine import _cpu_adam_is_built
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert not _cpu_adam_is_built()
+    (tmp_path / "py311_cpu" / "cpu_adam").mkdir(parents=True)
+    assert not _cpu_adam_is_built()  # a build that never finished
+    (tmp_path / "py311_cpu" / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
+    assert _cpu_adam_is_built()
