@@ -15,10 +15,15 @@ use:
   ``@compiler.compile()`` decorator is made lazy: a kernel is handed to ``torch.compile`` on its
   first call, so a run that uses Muon still gets the compiled kernels and one that does not never
   loads the compiler.
+
+``when_imported`` runs a function once a module has been imported (at once if it already is), so
+a library can be configured without importing it: the launcher only quiets transformers and
+datasets if it ends up using them, and it seldom does (2 s of each launch on a 2-core box).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import importlib.machinery
@@ -80,22 +85,38 @@ _WHILE_IMPORTING: dict[str, Callable[[], Any]] = {
 }
 
 
+# module -> what runs once it is imported
+_AFTER_IMPORT: dict[str, list[Callable[[ModuleType], None]]] = {}
+
+
+def when_imported(name: str, configure: Callable[[ModuleType], None]) -> None:
+    """``configure(module)`` once ``name`` is imported; at once if it already is."""
+    skip_unused_optional_imports()
+    if name in sys.modules:
+        configure(sys.modules[name])
+    else:
+        _AFTER_IMPORT.setdefault(name, []).append(configure)
+
+
 class _Guarded(importlib.abc.Loader):
-    def __init__(self, loader: importlib.abc.Loader, guard: Callable[[], Any]):
-        self.loader, self.guard = loader, guard
+    def __init__(self, loader: importlib.abc.Loader, name: str):
+        self.loader, self.name = loader, name
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        with self.guard():
+        guard = _WHILE_IMPORTING.get(self.name, contextlib.nullcontext)
+        with guard():
             self.loader.exec_module(module)
+        for configure in _AFTER_IMPORT.pop(self.name, []):
+            # What the import binds: transformers replaces its module by a lazy one.
+            configure(sys.modules[self.name])
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        guard = _WHILE_IMPORTING.get(fullname)
-        if guard is None:
+        if fullname not in _WHILE_IMPORTING and fullname not in _AFTER_IMPORT:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -103,7 +124,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                    spec.loader = _Guarded(spec.loader, guard)
+                    spec.loader = _Guarded(spec.loader, fullname)
                 return spec
         return None
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from types import ModuleType
+
+from bigscale.lazy_imports import when_imported
 
 
 def quiet_third_party() -> None:
@@ -19,10 +22,17 @@ def quiet_third_party() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     # DeepSpeed calls torch collectives that torch has since renamed; nothing for users to do.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    import datasets
-    import transformers
+    # Configured when (if) this process imports them: importing them only to quiet them cost
+    # every launcher 2 s, and the launcher of a run seldom needs either.
+    when_imported("transformers", _quiet_transformers)
+    when_imported("datasets", _quiet_datasets)
 
+
+def _quiet_transformers(transformers: ModuleType) -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def _quiet_datasets(datasets: ModuleType) -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()

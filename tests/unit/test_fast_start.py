@@ -127,3 +127,17 @@ def test_ranks_join_the_group_without_deepspeeds_shared_memory_op() -> None:
         "print(comm.cdb.shm_comm_op is None, comm.cdb.is_initialized())"
     )
     assert _last_line_printed(code) == "True True"
+
+
+def test_the_launcher_quiets_transformers_and_datasets_without_importing_them() -> None:
+    """`bigscale train` seldom needs either library; quieting them must not import them (2 s of
+    every launch), and a process that does import them gets them quiet."""
+    code = (
+        "import sys; from bigscale.quiet import quiet_third_party; quiet_third_party();"
+        "before = sorted(m for m in ('transformers', 'datasets') if m in sys.modules);"
+        "import transformers, datasets;"
+        "t = transformers.utils.logging;"
+        "print(before, t.get_verbosity(), t.is_progress_bar_enabled(),"
+        " datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled())"
+    )
+    assert _last_line_printed(code) == "[] 40 False 40 False"
