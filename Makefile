@@ -33,10 +33,8 @@ train: $(STAMP)  ## the default job: SmolLM2-135M-Instruct learns to write dates
 # most of a multi-process test is process start-up, polling and waiting on signals, so one
 # worker leaves a 2-core machine half idle. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
-# --no-loadscope-reorder keeps the files in tests/conftest.py's order, costliest first, instead of
-# xdist's (most tests first), which left the few-test real-model files to run last on one worker.
 test: ops  ## the whole suite (unit, distributed, end to end)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

