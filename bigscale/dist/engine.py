@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import importlib.util
 import json
 import math
 import os
@@ -192,9 +191,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def _cpu_adam_is_built() -> bool:
+    from deepspeed.git_version_info import installed_ops
     from torch.utils.cpp_extension import get_default_build_root
 
-    if importlib.util.find_spec("deepspeed.ops.adam.cpu_adam_op") is not None:
+    if installed_ops.get("cpu_adam", False):
         return True  # installed prebuilt (DS_BUILD_CPU_ADAM=1 pip install deepspeed)
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
     return any(Path(root).glob("*/cpu_adam/cpu_adam.so"))
